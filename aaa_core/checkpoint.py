@@ -1,0 +1,173 @@
+"""Safetensors I/O shared by every model: validated reads, model identification, atomic writes.
+
+All three model files (AAADiT, FLUX.2 VAE, Qwen3-0.6B) are plain safetensors. Reading them goes
+through :func:`load_checkpoint`, which turns every failure (missing file, truncated download,
+wrong model picked in a dropdown) into a one-line :class:`ModelFileError` that names the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import ModelFileError
+
+# One signature per model kind: keys that only that model's state dict has.
+AAADIT = "aaadit"
+FLUX2_VAE = "flux2_vae"
+QWEN3 = "qwen3"
+
+MODEL_NAMES = {
+    AAADIT: "an AAADiT diffusion model",
+    FLUX2_VAE: "a FLUX.2 VAE",
+    QWEN3: "a Qwen3 text encoder",
+}
+
+_EXAMPLE_KEYS = {
+    AAADIT: "pos_embedder.image_emb, blocks.0.to_gate.weight",
+    FLUX2_VAE: "decoder.conv_in.weight, bn.running_mean",
+    QWEN3: "model.layers.0.self_attn.q_norm.weight",
+}
+
+
+def identify_model(keys: "Iterator[str] | set[str] | list[str]") -> str | None:
+    """Returns the model kind a set of state-dict keys belongs to, or ``None`` if unknown."""
+    keys = set(keys)
+    if "pos_embedder.image_emb" in keys and "blocks.0.to_gate.weight" in keys:
+        return AAADIT
+    if "decoder.conv_in.weight" in keys and "bn.running_mean" in keys:
+        return FLUX2_VAE
+    if any(k.endswith("layers.0.self_attn.q_norm.weight") for k in keys):
+        return QWEN3
+    return None
+
+
+def _describe_foreign(keys: set[str]) -> str:
+    """Names what a file holds when it is not one of our three models, for error messages."""
+    kind = identify_model(keys)
+    if kind is not None:
+        return MODEL_NAMES[kind]
+    if "decoder.conv_in.weight" in keys or "first_stage_model.decoder.conv_in.weight" in keys:
+        return "a VAE without FLUX.2's batch-norm latent statistics (bn.running_mean)"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a full Stable Diffusion style checkpoint"
+    return "an unknown model"
+
+
+def read_safetensors(
+    path: "str | os.PathLike[str]",
+    dtype: torch.dtype | None = None,
+    device: "str | torch.device" = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Reads a safetensors file tensor by tensor; floating tensors are cast to ``dtype``.
+
+    Casting one tensor at a time keeps peak memory at one copy of the model. Integer
+    buffers (BatchNorm's ``num_batches_tracked``) keep their dtype.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: file not found")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, expected a .safetensors file")
+    state_dict: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state_dict[key] = tensor
+    except SafetensorError as err:
+        raise ModelFileError(
+            f"{path}: not a readable safetensors file ({err}); the download may be "
+            "incomplete or corrupt, fetch it again"
+        ) from None
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    return state_dict, metadata
+
+
+def check_kind(keys: "set[str] | Mapping[str, object]", expected: str, path: "str | os.PathLike[str]") -> None:
+    """Raises a clear error when a state dict is not the expected model kind."""
+    keys = set(keys)
+    if identify_model(keys) == expected:
+        return
+    raise ModelFileError(
+        f"{path}: holds {_describe_foreign(keys)}, but {MODEL_NAMES[expected]} was expected "
+        f"(keys such as {_EXAMPLE_KEYS[expected]})"
+    )
+
+
+def load_checkpoint(
+    path: "str | os.PathLike[str]",
+    expected: str,
+    dtype: torch.dtype | None = None,
+    device: "str | torch.device" = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Reads a safetensors file and checks that it holds the ``expected`` model kind."""
+    state_dict, metadata = read_safetensors(path, dtype=dtype, device=device)
+    check_kind(state_dict, expected, path)
+    return state_dict, metadata
+
+
+def check_state_dict_matches(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike[str]"
+) -> None:
+    """Raises a one-line error if ``state_dict`` does not fit ``model`` key for key, shape for shape."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise ModelFileError(f"{path}: keys do not match the model: {'; '.join(parts)}")
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise ModelFileError(
+                f"{path}: tensor {key} has shape {tuple(state_dict[key].shape)}, "
+                f"expected {tuple(tensor.shape)}"
+            )
+
+
+@contextlib.contextmanager
+def atomic_output(path: "str | os.PathLike[str]") -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renames it over ``path`` only on success.
+
+    A crash, Ctrl-C or exception while writing leaves no partial file behind, and an
+    existing file at ``path`` stays intact until the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    path: "str | os.PathLike[str]",
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes ``state_dict`` atomically as safetensors (contiguous CPU copies, string metadata)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)

@@ -1,0 +1,225 @@
+"""AAADiT: the ~0.13B text-to-image diffusion transformer on FLUX.2 latents.
+
+The architecture and every state-dict key follow DiffSynth-Studio's "train from scratch"
+tutorial (``../shared/reference/diffsynth-aaa.md`` section 4), so its published
+``step-600000.safetensors`` loads strictly. Unlike the reference, the forward pass takes one
+timestep per sample, so batched classifier-free guidance and batched training work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .checkpoint import AAADIT, check_state_dict_matches, load_checkpoint
+from .errors import ModelFileError
+
+CONFIG_METADATA_KEY = "aaa_dit_config"
+
+
+@dataclasses.dataclass(frozen=True)
+class AAADiTConfig:
+    """Model sizes; the defaults are the published checkpoint's."""
+
+    dim: int = 1024
+    depth: int = 10
+    num_heads: int = 32  # head_dim 32 in the reference
+    latent_channels: int = 128  # FLUX.2 VAE latents, 2x2-patchified 32 channels
+    text_dim: int = 1024  # Qwen3-0.6B hidden size
+    ff_mult: int = 3
+    time_freq_dim: int = 256
+    pos_height: int = 16  # learned image position table, resized bilinearly to the latent size
+    pos_width: int = 16
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> "AAADiTConfig":
+        """Infers the sizes from tensor shapes; ``num_heads`` comes from metadata or head_dim 32."""
+        stored = json.loads((metadata or {}).get(CONFIG_METADATA_KEY, "{}"))
+        dim, latent_channels = state_dict["image_embedder.0.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+        _, _, pos_height, pos_width = state_dict["pos_embedder.image_emb"].shape
+        return cls(
+            dim=dim,
+            depth=depth,
+            num_heads=stored.get("num_heads", max(1, dim // 32)),
+            latent_channels=latent_channels,
+            text_dim=state_dict["text_embedder.0.weight"].shape[1],
+            ff_mult=state_dict["blocks.0.ff.0.weight"].shape[0] // dim,
+            time_freq_dim=state_dict["timestep_embedder.timestep_embedder.0.weight"].shape[1],
+            pos_height=pos_height,
+            pos_width=pos_width,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Embedding layers
+# --------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[cos, sin]`` features of the raw 0..1000 timestep, in float32 (section 4.1).
+
+    The operation order matches the reference bit for bit: exponent, divide, exp, product.
+    """
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / half)
+    args = timesteps[:, None].float() * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features followed by an MLP; keys ``timestep_embedder.{0,2}``."""
+
+    def __init__(self, freq_dim: int, dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.timestep_embedder = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(sinusoidal_embedding(timesteps, self.freq_dim).to(dtype))
+
+
+class PositionalEmbedding(nn.Module):
+    """A learned image table (bilinearly resized to the latent grid) plus one shared text vector."""
+
+    def __init__(self, dim: int, height: int, width: int):
+        super().__init__()
+        self.image_emb = nn.Parameter(torch.randn(1, dim, height, width))
+        self.text_emb = nn.Parameter(torch.randn(dim))
+
+    def forward(self, height: int, width: int, text_len: int, dtype: torch.dtype) -> torch.Tensor:
+        image = F.interpolate(self.image_emb.to(dtype), size=(height, width), mode="bilinear")
+        image = image.flatten(2).transpose(1, 2)  # (1, H*W, dim), row-major tokens
+        text = self.text_emb.to(dtype).expand(1, text_len, -1)
+        return torch.cat([image, text], dim=1)  # (1, H*W + L, dim), shared by the batch
+
+
+# --------------------------------------------------------------------------------------
+# Core model
+# --------------------------------------------------------------------------------------
+
+
+class AAABlock(nn.Module):
+    """Joint image+text attention and MLP, each gated by ``(1 + gate(t))``.
+
+    The position embedding enters only the normalisation input, never the residual stream.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ff_mult: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_attn = nn.RMSNorm(dim, elementwise_affine=False)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_mlp = nn.RMSNorm(dim, elementwise_affine=False)
+        self.ff = nn.Sequential(nn.Linear(dim, dim * ff_mult), nn.SiLU(), nn.Linear(dim * ff_mult, dim))
+        self.to_gate = nn.Linear(dim, dim * 2)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        # Channels split head-major (channel = head * head_dim + d), as the reference does.
+        q, k, v = (proj(x).view(batch, seq, self.num_heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v)  # unmasked, scale 1/sqrt(head_dim)
+        return self.to_out(out.transpose(1, 2).reshape(batch, seq, dim))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        gate_attn, gate_mlp = self.to_gate(t_emb).chunk(2, dim=-1)
+        x = x + self.attention(self.norm_attn(x + pos)) * (1 + gate_attn)
+        x = x + self.ff(self.norm_mlp(x + pos)) * (1 + gate_mlp)
+        return x
+
+
+class AAADiT(nn.Module):
+    """Predicts the flow-matching velocity ``noise - x0`` for FLUX.2 latents given Qwen3 text states."""
+
+    def __init__(self, config: AAADiTConfig = AAADiTConfig()):
+        super().__init__()
+        self.config = config
+        c = config
+        self.pos_embedder = PositionalEmbedding(c.dim, c.pos_height, c.pos_width)
+        self.timestep_embedder = TimestepEmbedder(c.time_freq_dim, c.dim)
+        self.image_embedder = nn.Sequential(nn.Linear(c.latent_channels, c.dim), nn.LayerNorm(c.dim))
+        self.text_embedder = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.LayerNorm(c.dim))
+        self.blocks = nn.ModuleList([AAABlock(c.dim, c.num_heads, c.ff_mult) for _ in range(c.depth)])
+        self.proj_out = nn.Linear(c.dim, c.latent_channels)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    def forward(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """``latents (B,C,H,W)``, ``prompt_embeds (B,L,text_dim)``, ``timestep`` = 1000*sigma, shape ``(B,)`` or ``(1,)``."""
+        batch, _, height, width = latents.shape
+        dtype = latents.dtype
+        prompt_embeds = prompt_embeds.to(dtype)
+        timestep = timestep.reshape(-1).expand(batch)
+        pos = self.pos_embedder(height, width, prompt_embeds.shape[1], dtype)
+        t_emb = self.timestep_embedder(timestep, dtype)[:, None, :]  # (B, 1, dim): one per sample
+        image = self.image_embedder(latents.flatten(2).transpose(1, 2))
+        x = torch.cat([image, self.text_embedder(prompt_embeds)], dim=1)  # image tokens first
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, pos, t_emb, use_reentrant=False)
+            else:
+                x = block(x, pos, t_emb)
+        out = self.proj_out(x[:, : height * width])
+        return out.transpose(1, 2).reshape(batch, -1, height, width)
+
+    def flops_per_forward(self, image_tokens: int, text_tokens: int) -> float:
+        """Matmul FLOPs (2 per multiply-add) of one forward pass for one sample (section 4.4)."""
+        c, seq = self.config, image_tokens + text_tokens
+        per_block = 2 * seq * (4 * c.dim * c.dim + 2 * c.ff_mult * c.dim * c.dim) + 4 * seq * seq * c.dim
+        embed = 2 * (text_tokens * c.text_dim * c.dim + image_tokens * c.latent_channels * c.dim * 2)
+        gates = 2 * (c.depth * 2 * c.dim * c.dim + c.time_freq_dim * c.dim + c.dim * c.dim)
+        return c.depth * per_block + embed + gates
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def dit_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    source: "str | os.PathLike[str]" = "state dict",
+) -> AAADiT:
+    """Builds an AAADiT sized from ``state_dict`` and loads it strictly (tensors are adopted, not copied)."""
+    try:
+        config = AAADiTConfig.from_state_dict(state_dict, metadata)
+    except (KeyError, ValueError) as err:
+        raise ModelFileError(f"{source}: not a complete AAADiT checkpoint ({err})") from None
+    with torch.device("meta"):
+        model = AAADiT(config)
+    check_state_dict_matches(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_dit(
+    path: "str | os.PathLike[str]",
+    dtype: torch.dtype | None = None,
+    device: "str | torch.device" = "cpu",
+) -> AAADiT:
+    """Loads an AAADiT checkpoint (the published one or ours), in eval mode, without gradients."""
+    state_dict, metadata = load_checkpoint(path, AAADIT, dtype=dtype, device=device)
+    return dit_from_state_dict(state_dict, metadata, path)

@@ -1,0 +1,17 @@
+"""User-facing errors: each message is one line that says what is wrong and how to fix it."""
+
+
+class AAAError(Exception):
+    """Base class for errors caused by user input (bad files, bad sizes, missing models).
+
+    The CLI and the ComfyUI nodes show the message as is, without a traceback, so every
+    message names the file or value at fault and what was expected.
+    """
+
+
+class ModelFileError(AAAError):
+    """A model file is missing, unreadable, truncated or holds the wrong model."""
+
+
+class InputError(AAAError, ValueError):
+    """A size, prompt, image or option is invalid."""
