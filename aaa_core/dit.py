@@ -12,7 +12,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Mapping
+from types import ModuleType, SimpleNamespace
+from typing import Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,10 @@ from .checkpoint import AAADIT, check_state_dict_matches, load_checkpoint
 from .errors import ModelFileError
 
 CONFIG_METADATA_KEY = "aaa_dit_config"
+
+# Where layer classes come from: ``torch.nn`` by default. ComfyUI passes ``comfy.ops.manual_cast``
+# (same constructors) so its memory manager can stream weights in low-VRAM mode.
+Operations = Union[ModuleType, SimpleNamespace, type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +91,10 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features followed by an MLP; keys ``timestep_embedder.{0,2}``."""
 
-    def __init__(self, freq_dim: int, dim: int):
+    def __init__(self, freq_dim: int, dim: int, ops: Operations = nn):
         super().__init__()
         self.freq_dim = freq_dim
-        self.timestep_embedder = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.timestep_embedder = nn.Sequential(ops.Linear(freq_dim, dim), nn.SiLU(), ops.Linear(dim, dim))
 
     def forward(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.timestep_embedder(sinusoidal_embedding(timesteps, self.freq_dim).to(dtype))
@@ -121,17 +126,17 @@ class AAABlock(nn.Module):
     The position embedding enters only the normalisation input, never the residual stream.
     """
 
-    def __init__(self, dim: int, num_heads: int, ff_mult: int):
+    def __init__(self, dim: int, num_heads: int, ff_mult: int, ops: Operations = nn):
         super().__init__()
         self.num_heads = num_heads
         self.norm_attn = nn.RMSNorm(dim, elementwise_affine=False)
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_q = ops.Linear(dim, dim)
+        self.to_k = ops.Linear(dim, dim)
+        self.to_v = ops.Linear(dim, dim)
+        self.to_out = ops.Linear(dim, dim)
         self.norm_mlp = nn.RMSNorm(dim, elementwise_affine=False)
-        self.ff = nn.Sequential(nn.Linear(dim, dim * ff_mult), nn.SiLU(), nn.Linear(dim * ff_mult, dim))
-        self.to_gate = nn.Linear(dim, dim * 2)
+        self.ff = nn.Sequential(ops.Linear(dim, dim * ff_mult), nn.SiLU(), ops.Linear(dim * ff_mult, dim))
+        self.to_gate = ops.Linear(dim, dim * 2)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = x.shape
@@ -150,16 +155,16 @@ class AAABlock(nn.Module):
 class AAADiT(nn.Module):
     """Predicts the flow-matching velocity ``noise - x0`` for FLUX.2 latents given Qwen3 text states."""
 
-    def __init__(self, config: AAADiTConfig = AAADiTConfig()):
+    def __init__(self, config: AAADiTConfig = AAADiTConfig(), operations: Operations = nn):
         super().__init__()
         self.config = config
-        c = config
+        c, ops = config, operations
         self.pos_embedder = PositionalEmbedding(c.dim, c.pos_height, c.pos_width)
-        self.timestep_embedder = TimestepEmbedder(c.time_freq_dim, c.dim)
-        self.image_embedder = nn.Sequential(nn.Linear(c.latent_channels, c.dim), nn.LayerNorm(c.dim))
-        self.text_embedder = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.LayerNorm(c.dim))
-        self.blocks = nn.ModuleList([AAABlock(c.dim, c.num_heads, c.ff_mult) for _ in range(c.depth)])
-        self.proj_out = nn.Linear(c.dim, c.latent_channels)
+        self.timestep_embedder = TimestepEmbedder(c.time_freq_dim, c.dim, ops)
+        self.image_embedder = nn.Sequential(ops.Linear(c.latent_channels, c.dim), ops.LayerNorm(c.dim))
+        self.text_embedder = nn.Sequential(ops.Linear(c.text_dim, c.dim), ops.LayerNorm(c.dim))
+        self.blocks = nn.ModuleList([AAABlock(c.dim, c.num_heads, c.ff_mult, ops) for _ in range(c.depth)])
+        self.proj_out = ops.Linear(c.dim, c.latent_channels)
         self.gradient_checkpointing = False
 
     @property
@@ -202,6 +207,7 @@ def dit_from_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     source: "str | os.PathLike[str]" = "state dict",
+    operations: Operations = nn,
 ) -> AAADiT:
     """Builds an AAADiT sized from ``state_dict`` and loads it strictly (tensors are adopted, not copied)."""
     try:
@@ -209,7 +215,7 @@ def dit_from_state_dict(
     except (KeyError, ValueError) as err:
         raise ModelFileError(f"{source}: not a complete AAADiT checkpoint ({err})") from None
     with torch.device("meta"):
-        model = AAADiT(config)
+        model = AAADiT(config, operations)
     check_state_dict_matches(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -219,7 +225,8 @@ def load_dit(
     path: "str | os.PathLike[str]",
     dtype: torch.dtype | None = None,
     device: "str | torch.device" = "cpu",
+    operations: Operations = nn,
 ) -> AAADiT:
     """Loads an AAADiT checkpoint (the published one or ours), in eval mode, without gradients."""
     state_dict, metadata = load_checkpoint(path, AAADIT, dtype=dtype, device=device)
-    return dit_from_state_dict(state_dict, metadata, path)
+    return dit_from_state_dict(state_dict, metadata, path, operations)

@@ -229,3 +229,24 @@ def test_wrong_shape_and_missing_key_are_named(tmp_path):
 def test_head_count_without_metadata_assumes_the_reference_head_dim_32():
     state = AAADiT(AAADiTConfig(dim=128, depth=1, num_heads=2, text_dim=16)).state_dict()
     assert AAADiTConfig.from_state_dict(state).num_heads == 4
+
+
+def test_layers_come_from_the_given_operations_namespace(tmp_path):
+    """ComfyUI passes comfy.ops.manual_cast here; any namespace with torch's constructors works."""
+    from types import SimpleNamespace
+
+    class CountingLinear(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            CountingLinear.calls += 1
+            return super().forward(x)
+
+    ops = SimpleNamespace(Linear=CountingLinear, LayerNorm=torch.nn.LayerNorm)
+    path = save_tiny_dit(tmp_path / "dit.safetensors")
+    plain, custom = load_dit(path), load_dit(path, operations=ops)
+    assert isinstance(custom.blocks[0].to_q, CountingLinear)
+    x, c, t = torch.randn(1, 128, 2, 2), torch.randn(1, 5, TINY_DIT.text_dim), torch.tensor([10.0])
+    with torch.no_grad():
+        assert torch.equal(custom(x, c, t), plain(x, c, t))
+    assert CountingLinear.calls == 2 + 2 + 7 * TINY_DIT.depth + 1  # t-MLP, embedders, per block, proj_out
