@@ -1,5 +1,7 @@
 """Checkpoint writes, image conversions and model-file resolution (downloads)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,13 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
     assert torch.equal(state["a"], torch.ones(2))
     assert metadata == {"format": "pt", "step": "1"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    save_safetensors({"a": torch.ones(1)}, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_read_casts_only_floating_tensors(tmp_path):

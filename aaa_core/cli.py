@@ -1,0 +1,92 @@
+"""The headless command line: ``python -m aaa_core generate --prompt ... --output out.png``.
+
+Errors caused by input (bad sizes, missing or wrong model files) print one line and exit 1;
+no partial image is ever left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from PIL import PngImagePlugin
+from tqdm import tqdm
+
+from .checkpoint import atomic_output
+from .errors import AAAError, InputError
+from .images import open_rgb
+
+log = logging.getLogger("aaa_core")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aaa_core", description="AAADiT text-to-image, headless.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images from a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--prompt", required=True, help="what to draw")
+    gen.add_argument("--negative-prompt", default=" ", help="what to steer away from (used when --cfg is not 1)")
+    gen.add_argument("--steps", type=int, default=30, help="Euler sampling steps")
+    gen.add_argument("--cfg", type=float, default=10.0, help="classifier-free guidance scale; 1 disables the negative pass")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed; image i of a batch uses seed+i")
+    gen.add_argument("--width", type=int, default=256, help="image width, a multiple of 16")
+    gen.add_argument("--height", type=int, default=256, help="image height, a multiple of 16")
+    gen.add_argument("--batch-size", type=int, default=1, help="images per run")
+    gen.add_argument("--image", type=Path, help="input image for image-to-image")
+    gen.add_argument("--denoise", type=float, default=None, help="image-to-image strength in (0, 1]; default 0.6 with --image, else 1")
+    gen.add_argument("--dit", type=Path, help="AAADiT .safetensors (default: download step-600000 from ModelScope)")
+    gen.add_argument("--vae", type=Path, help="FLUX.2 VAE .safetensors (default: download from ModelScope)")
+    gen.add_argument("--text-encoder", type=Path, help="Qwen3-0.6B model.safetensors or its folder (default: download)")
+    gen.add_argument("--model-dir", type=Path, help="where downloaded models are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    gen.add_argument("--output", type=Path, required=True, help="output PNG; a batch writes NAME_0.png, NAME_1.png, ...")
+    return parser
+
+
+def output_paths(output: Path, batch_size: int) -> list[Path]:
+    """``out.png`` for one image, ``out_0.png``, ``out_1.png``... for a batch."""
+    if output.suffix.lower() != ".png":
+        raise InputError(f"--output {output}: must end in .png")
+    if batch_size == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(batch_size)]
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    """Validates everything cheap first, then loads the models, samples and writes the PNGs."""
+    from .pipeline import AAAPipeline, GenerationSettings  # torch-heavy imports after argument parsing
+
+    denoise = args.denoise if args.denoise is not None else (0.6 if args.image else 1.0)
+    settings = GenerationSettings(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
+        seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, denoise=denoise,
+    )
+    settings.check_image(args.image is not None)
+    paths = output_paths(args.output, args.batch_size)
+    image = open_rgb(args.image) if args.image else None
+    pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, args.device, args.dtype, args.model_dir)
+    with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+        images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", settings.as_text())
+    for path, picture in zip(paths, images):
+        with atomic_output(path) as tmp:
+            picture.save(tmp, format="PNG", pnginfo=info)
+        log.info("wrote %s", path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        generate(args)
+    except AAAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,144 @@
+"""Text-to-image and image-to-image generation with the three models, in plain PyTorch.
+
+This is what the CLI and the benchmarks run; the ComfyUI nodes call the same pieces
+(``encode_prompts``, ``sampling.sample``, ``decode_latents``) one node at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import downloads
+from .devices import resolve_device, resolve_dtype
+from .dit import AAADiT, load_dit
+from .errors import InputError
+from .images import pil_to_tensor, resize_cover, tensor_to_pil
+from .sampling import StepCallback, latent_size, make_noise, sample
+from .text_encoder import Qwen3TextEncoder, load_text_encoder
+from .vae import Flux2VAE, load_vae
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEGATIVE_PROMPT = " "  # what the reference tutorial samples with
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides the output image, validated before any model is loaded."""
+
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    steps: int = 30
+    cfg: float = 10.0
+    seed: int = 0
+    width: int = 256
+    height: int = 256
+    batch_size: int = 1
+    denoise: float = 1.0
+
+    def __post_init__(self) -> None:
+        latent_size(self.width, self.height)
+        if self.steps < 1:
+            raise InputError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.denoise <= 1.0:
+            raise InputError(f"denoise must be in (0, 1], got {self.denoise}")
+        if self.seed < 0:
+            raise InputError(f"seed must be non-negative, got {self.seed}")
+
+    def check_image(self, has_image: bool) -> None:
+        """img2img strength needs an image to start from."""
+        if self.denoise < 1.0 and not has_image:
+            raise InputError(f"denoise {self.denoise} needs an input image; without one use denoise 1.0")
+
+    def as_text(self) -> str:
+        """A one-line summary stored in the PNG, so an image says how it was made."""
+        return ", ".join(f"{k}: {v!r}" for k, v in dataclasses.asdict(self).items())
+
+
+def decode_latents(
+    vae: Flux2VAE, latents: torch.Tensor, callback: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
+    """Decodes one sample at a time (bounded memory); ``callback(done, total)`` may raise to stop."""
+    images = []
+    for i, latent in enumerate(latents.split(1)):
+        images.append(vae.decode(latent.to(device=vae.device, dtype=vae.dtype)))
+        if callback is not None:
+            callback(i + 1, len(latents))
+    return torch.cat(images)
+
+
+class AAAPipeline:
+    """The text encoder, DiT and VAE on one device in one compute dtype."""
+
+    def __init__(self, text_encoder: Qwen3TextEncoder, dit: AAADiT, vae: Flux2VAE):
+        self.text_encoder = text_encoder
+        self.dit = dit
+        self.vae = vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.proj_out.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dit.dtype
+
+    @classmethod
+    def from_files(
+        cls,
+        dit: "str | os.PathLike[str] | None" = None,
+        vae: "str | os.PathLike[str] | None" = None,
+        text_encoder: "str | os.PathLike[str] | None" = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        model_dir: "str | os.PathLike[str] | None" = None,
+    ) -> "AAAPipeline":
+        """Loads the three models; any path left out is downloaded once into ``model_dir``."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        paths = {
+            key: downloads.resolve_model_file(downloads.SOURCES[key], path, model_dir)
+            for key, path in (("text_encoder", text_encoder), ("dit", dit), ("vae", vae))
+        }
+        log.info("loading models on %s in %s", torch_device, torch_dtype)
+        return cls(
+            text_encoder=load_text_encoder(paths["text_encoder"], dtype=torch_dtype, device=torch_device),
+            dit=load_dit(paths["dit"], dtype=torch_dtype, device=torch_device),
+            vae=load_vae(paths["vae"], dtype=torch_dtype, device=torch_device),
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        settings: GenerationSettings,
+        image: Image.Image | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Runs one generation; ``image`` (img2img) is resized to cover the output size."""
+        settings.check_image(image is not None)
+        device, dtype = self.device, self.dtype
+        guided = settings.cfg != 1.0
+        prompts = [settings.prompt] + ([settings.negative_prompt] if guided else [])
+        embeds = self.text_encoder.encode(prompts).to(device=device, dtype=dtype)
+        positive, negative = embeds[:1], (embeds[1:] if guided else None)
+
+        latent_h, latent_w = latent_size(settings.width, settings.height)
+        noise = make_noise(settings.seed, settings.batch_size, latent_h, latent_w, dtype, device)
+        init_latents = None
+        if image is not None:
+            pixels = pil_to_tensor(resize_cover(image, settings.width, settings.height), dtype).to(device)
+            init_latents = self.vae.encode(pixels).expand(settings.batch_size, -1, -1, -1)
+        latents = sample(
+            self.dit, noise, positive, negative, settings.steps, settings.cfg,
+            denoise=settings.denoise,
+            init_latents=init_latents, callback=callback,
+        )
+        return tensor_to_pil(decode_latents(self.vae, latents))
