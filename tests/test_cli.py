@@ -1,5 +1,6 @@
 """The headless CLI end to end with tiny model files, and its one-line errors."""
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,17 @@ def test_existing_output_survives_a_failed_run(models, tmp_path, capsys):
                    "--text-encoder", str(models["text_encoder"]), "--output", str(out)], capsys)
     assert code == 1
     assert np.array(Image.open(out))[0, 0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_pipelines_run_on_the_cpu_and_track_float32(models, dtype):
+    """All three models in bf16/fp16 on the CPU: finite output close to the float32 image."""
+    settings = GenerationSettings(prompt="red dragon", steps=3, cfg=4.0, width=32, height=32)
+    reference = AAAPipeline.from_files(models["dit"], models["vae"], models["text_encoder"], device="cpu", dtype="float32")
+    half = AAAPipeline.from_files(models["dit"], models["vae"], models["text_encoder"], device="cpu", dtype=dtype)
+    assert str(half.dtype) == f"torch.{dtype}" and half.vae.dtype == half.dtype
+    expected = np.array(reference.generate(settings)[0], dtype=float)
+    actual = np.array(half.generate(settings)[0], dtype=float)
+    other_seed = np.array(reference.generate(dataclasses.replace(settings, seed=1))[0], dtype=float)
+    # Rounding (well under 1/255 on average here), not a different image (about 28/255 for another seed).
+    assert np.abs(actual - expected).mean() < 0.1 * np.abs(other_seed - expected).mean()
