@@ -67,3 +67,20 @@ def comfy_to_vae(images: torch.Tensor) -> torch.Tensor:
 def vae_to_comfy(images: torch.Tensor) -> torch.Tensor:
     """VAE output ``(B,3,H,W)`` -> ComfyUI IMAGE ``(B,H,W,3)`` float32 in [0, 1]."""
     return ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def center_crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Centre-crops ComfyUI IMAGE ``(B,H,W,C)`` so both sides are multiples of ``multiple`` (a view, no copy).
+
+    The same rule as ComfyUI's VAEEncode (``vae_encode_crop_pixels``): keep ``side // multiple``
+    cells and drop the remainder evenly from both edges, the odd pixel from the far edge.
+    """
+    if images.ndim != 4:
+        raise InputError(f"expected an IMAGE of shape (batch, height, width, channels), got {tuple(images.shape)}")
+    for dim, name in ((1, "height"), (2, "width")):
+        size = images.shape[dim]
+        if size < multiple:
+            raise InputError(f"image {name} {size} is smaller than {multiple} pixels; the VAE needs at least {multiple}")
+        keep = size // multiple * multiple
+        images = images.narrow(dim, (size - keep) // 2, keep)
+    return images

@@ -75,6 +75,18 @@ def decode_latents(
     return torch.cat(images)
 
 
+def encode_images(
+    vae: Flux2VAE, images: torch.Tensor, callback: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
+    """Encodes ``(B,3,H,W)`` images in [-1, 1] one at a time (bounded memory); ``callback(done, total)`` may raise to stop."""
+    latents = []
+    for i, image in enumerate(images.split(1)):
+        latents.append(vae.encode(image.to(device=vae.device, dtype=vae.dtype)))
+        if callback is not None:
+            callback(i + 1, len(images))
+    return torch.cat(latents)
+
+
 class AAAPipeline:
     """The text encoder, DiT and VAE on one device in one compute dtype."""
 
