@@ -1,0 +1,26 @@
+"""ComfyUI nodes for AAADiT: loaders, prompt encoding, sampling and the FLUX.2 VAE.
+
+Every node id and display name is defined here, once. The modules are glue: ``comfy_bridge`` is
+the only one that touches ComfyUI, ``model_files`` resolves and downloads model files, and the
+node modules read their widgets and call ``aaa_core``.
+"""
+
+from .conditioning import AAATextEncode
+from .latent import AAAEmptyLatentImage, AAAVAEDecode, AAAVAEEncode
+from .loaders import AAADiTLoader, AAATextEncoderLoader, AAAVAELoader
+from .sampling import AAASampler
+
+# node id -> (class, display name)
+NODES = {
+    "AAADiTLoader": (AAADiTLoader, "AAA DiT Loader"),
+    "AAATextEncoderLoader": (AAATextEncoderLoader, "AAA Text Encoder Loader"),
+    "AAAVAELoader": (AAAVAELoader, "AAA VAE Loader"),
+    "AAATextEncode": (AAATextEncode, "AAA Text Encode"),
+    "AAAEmptyLatentImage": (AAAEmptyLatentImage, "AAA Empty Latent Image"),
+    "AAASampler": (AAASampler, "AAA Sampler"),
+    "AAAVAEDecode": (AAAVAEDecode, "AAA VAE Decode"),
+    "AAAVAEEncode": (AAAVAEEncode, "AAA VAE Encode"),
+}
+
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

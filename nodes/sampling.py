@@ -1,0 +1,109 @@
+"""The AAADiT sampler node: Euler flow-matching with classifier-free guidance, text-to-image or image-to-image.
+
+A self-contained sampler (``../shared/reference/comfyui.md`` section 5): it takes its own AAA_DIT
+model rather than a native MODEL, and runs ``aaa_core.sampling.sample`` with seeded noise from
+``aaa_core.sampling.make_noise``, so for the same seed it gives exactly what the CLI gives.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..aaa_core.dit import AAADiTConfig
+from ..aaa_core.errors import InputError
+from ..aaa_core.sampling import LATENT_CHANNELS, make_noise, sample
+from . import comfy_bridge as bridge
+from .conditioning import conditioning_embeds
+from .latent import latent_samples
+
+log = logging.getLogger(__name__)
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF  # torch generators take seeds up to 2**64 - 1, as ComfyUI's KSampler offers
+
+
+class AAASampler:
+    CATEGORY = "AAADiT/sampling"
+    DESCRIPTION = (
+        "Generates FLUX.2 latents with AAADiT. denoise 1.0: text-to-image at the latent's size. denoise below 1.0: "
+        "image-to-image starting from the latent's content (e.g. AAA VAE Encode)."
+    )
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The generated latents; decode them with AAA VAE Decode.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("AAA_DIT", {"tooltip": "The AAADiT model from AAA DiT Loader."}),
+                "positive": ("CONDITIONING", {"tooltip": "What to draw: AAA Text Encode output."}),
+                "negative": ("CONDITIONING", {"tooltip": "What to steer away from (the reference uses a single space); unused at cfg 1.0."}),
+                "latent_image": ("LATENT", {"tooltip": "Sets size and batch (text-to-image), or the image to start from (denoise below 1.0)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "Noise seed; image i of a batch uses seed + i, as the CLI does."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Euler steps actually run (also with denoise below 1.0)."}),
+                "cfg": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale; 10 is the reference, 1.0 skips the negative pass."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1.0 draws from pure noise; lower keeps more of the input latent (image-to-image strength)."}),
+            }
+        }
+
+    def sample(self, model: bridge.ManagedModel, positive, negative, latent_image, seed: int, steps: int, cfg: float, denoise: float):
+        samples = latent_samples(latent_image, "latent_image")
+        width = model.model.config.text_dim
+        positive = conditioning_embeds(positive, "positive", width)
+        negative = conditioning_embeds(negative, "negative", width)
+        if positive.shape[1] != negative.shape[1]:
+            raise InputError(f"positive has {positive.shape[1]} tokens but negative {negative.shape[1]}; encode both with AAA Text Encode")
+        if not 0.0 <= denoise <= 1.0:
+            raise InputError(f"denoise must be between 0 and 1, got {denoise}")
+        result = dict(latent_image)  # a new dict: keeps the other keys, never changes the input
+        if denoise == 0.0:  # nothing to do, as in ComfyUI's KSampler
+            result["samples"] = samples.clone()
+            return (result,)
+
+        batch, _, height, width = samples.shape
+        dit = model.load(sampling_memory(model.model.config, batch, height, width, positive.shape[1], model.compute_dtype, cfg != 1.0))
+        device, dtype = model.load_device, model.compute_dtype
+        if "noise_mask" in latent_image:
+            log.warning("AAA Sampler: the latent's noise_mask is ignored (no inpainting); the whole image is sampled")
+        # Image i uses seed + i; after Latent From Batch, ComfyUI's batch_index keeps each image's own seed.
+        offsets = latent_image.get("batch_index")
+        if not offsets or len(offsets) != batch:
+            offsets = range(batch)
+        noise = torch.cat([make_noise((seed + k) % (SEED_MAX + 1), 1, height, width, dtype, device) for k in offsets])
+        latents = sample(
+            dit, noise, positive.to(device), negative.to(device) if cfg != 1.0 else None, steps, cfg,
+            denoise=denoise,
+            init_latents=samples.to(device) if denoise < 1.0 else None,
+            callback=_step_callback(steps, device),
+        )
+        result["samples"] = latents.to(device=bridge.intermediate_device(), dtype=torch.float32)
+        return (result,)
+
+
+def _step_callback(steps: int, device: torch.device):
+    """Per step: stop if Cancel was pressed, tick the progress bar, send a latent preview if ComfyUI makes them."""
+    bar = bridge.progress_bar(steps)
+    previewer = bridge.latent_previewer(device)
+
+    def on_step(done: int, total: int, x0: torch.Tensor) -> None:
+        bridge.throw_if_interrupted()
+        bar.update_absolute(done, total, previewer(x0) if previewer is not None else None)
+
+    return on_step
+
+
+def sampling_memory(config: AAADiTConfig, batch: int, height: int, width: int, text_len: int, dtype: torch.dtype, guided: bool) -> int:
+    """Bytes of activations one DiT forward needs, for ComfyUI's memory manager (a generous estimate).
+
+    Per token and block: the residual stream, q/k/v/out, the MLP hidden and the gates, about
+    (8 + 2 * ff_mult) * dim values; plus the attention matrix in case SDPA falls back to the
+    math kernel. CFG doubles the batch.
+    """
+    rows = batch * (2 if guided else 1)
+    tokens = height * width + text_len
+    activations = rows * tokens * config.dim * (8 + 2 * config.ff_mult)
+    attention = rows * config.num_heads * tokens * tokens
+    inputs = rows * tokens * max(config.text_dim, LATENT_CHANNELS)
+    return int((activations + attention + inputs) * dtype.itemsize * 1.5)
