@@ -1,0 +1,222 @@
+"""Every training option with its default and help text, in one place; read from TOML and the command line.
+
+Precedence: the defaults below, then the ``--config`` TOML file (flat ``key = value`` lines using
+these field names), then command-line options (``--batch-size 8`` for ``batch_size``). Relative
+paths are relative to the current directory. ``python -m training --help`` lists every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from aaa_core.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 has no tomllib; tomli is the same parser (pip install tomli)
+    import tomli as tomllib
+
+
+def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
+    """A config field: its default, its ``--help`` text and its group there."""
+    meta = {"help": help, "group": group, "argparse": argparse_kwargs}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+DATA, MODEL, OPTIM, RUN, SAVE, FEEDBACK = "data", "model", "optimisation", "run", "checkpoints", "feedback"
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The whole recipe. Defaults: the reference recipe (section 10 of diffsynth-aaa.md) with real batches."""
+
+    # --- data -----------------------------------------------------------------------------
+    data: str = option("", "training images: a folder with metadata.csv (columns image, prompt), a .csv file, "
+                       "or a folder of images with same-named .txt captions", DATA)
+    resolution: int = option(256, "training size in pixels (square; resize to cover, then centre-crop); a multiple of 16", DATA)
+    cache_dir: str = option("", "where encoded latents and prompt embeddings are kept (default: OUTPUT_DIR/cache); "
+                            "share it between runs on the same data", DATA)
+    encode_batch_size: int = option(8, "images or prompts per VAE / text-encoder call while filling the cache", DATA)
+    encoder_dtype: str = option("auto", "dtype of the frozen VAE and text encoder and of the cache: auto (bf16 on GPU "
+                                "like the reference, fp32 on CPU), bf16 or fp32", DATA, choices=["auto", "bf16", "fp32"])
+    cache_on_device: bool = option(True, "keep the whole encoded data set on the GPU (fast; turn off for very large data sets)", DATA)
+
+    # --- models ---------------------------------------------------------------------------
+    init_from: str = option("", "AAADiT .safetensors to fine-tune (its sizes are read from the file; 'published' "
+                            "fetches step-600000); empty: random init like the reference", MODEL, aliases=["--dit"])
+    vae: str = option("", "FLUX.2 VAE .safetensors (default: download once from ModelScope into MODEL_DIR)", MODEL)
+    text_encoder: str = option("", "Qwen3-0.6B model.safetensors or its folder (default: download once)", MODEL)
+    model_dir: str = option("", "where downloaded model files are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)", MODEL)
+    dim: int = option(1024, "DiT width (random init only)", MODEL)
+    depth: int = option(10, "DiT blocks (random init only)", MODEL)
+    num_heads: int = option(32, "attention heads; dim / num_heads is the head size (random init only)", MODEL)
+    gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass (less memory, ~30% slower)", MODEL)
+    compile: bool = option(False, "torch.compile each DiT block (faster on GPU after a minute of compiling)", MODEL)
+
+    # --- optimisation ---------------------------------------------------------------------
+    batch_size: int = option(32, "samples per step on each process (the reference: 1)", OPTIM)
+    grad_accum: int = option(1, "micro-batches per optimizer step; global batch = batch_size x grad_accum x processes", OPTIM)
+    lr: float = option(2e-4, "AdamW learning rate (reference)", OPTIM)
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay (reference)", OPTIM)
+    adam_beta1: float = option(0.9, "AdamW beta1 (PyTorch default, as the reference)", OPTIM)
+    adam_beta2: float = option(0.999, "AdamW beta2 (PyTorch default, as the reference)", OPTIM)
+    adam_eps: float = option(1e-8, "AdamW epsilon (PyTorch default, as the reference)", OPTIM)
+    warmup: str = option("constant", "LR warm-up shape: 'constant' runs lr/3 for warmup_steps (the reference's ConstantLR), "
+                         "'linear' ramps from lr/warmup_steps up to lr", OPTIM, choices=["constant", "linear"])
+    warmup_steps: int = option(5, "optimizer steps of warm-up (reference: 5)", OPTIM)
+    max_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0 = off, as the reference", OPTIM)
+    ema_decay: float = option(0.999, "EMA of the weights (used for samples and the saved .safetensors); 0 = off. "
+                              "Warm-up: decay min(ema_decay, (1+t)/(10+t)) at step t", OPTIM)
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (autocast, fp32 master weights and "
+                            "optimizer), or bf16-pure (the reference: weights and AdamW states in bf16)", OPTIM, choices=list(PRECISIONS))
+    reference_timesteps: bool = option(False, "round the timestep to bf16 before the sigma/weight lookup as the reference "
+                                       "does (reaches only 384 of the 1000 grid sigmas); off = exact grid values", OPTIM)
+
+    # --- run ------------------------------------------------------------------------------
+    output_dir: str = option("runs/aaa", "run folder: checkpoints/, states/, samples/, tensorboard/, train.log", RUN)
+    seed: int = option(0, "seed for the init, the data order, the noise and the timesteps", RUN)
+    max_steps: int = option(10000, "stop after this many optimizer steps (0 = no limit; then max_epochs must be set)", RUN)
+    max_epochs: float = option(0.0, "stop after this many passes over the data (0 = no limit); the first limit reached wins", RUN)
+    device: str = option("auto", "auto (what accelerate picks: the process's GPU, else CPU) or cpu", RUN, choices=["auto", "cpu"])
+
+    # --- checkpoints ----------------------------------------------------------------------
+    save_every: int = option(1000, "write a checkpoint and a training state every this many steps (and always at the end)", SAVE)
+    save_dtype: str = option("bf16", "dtype of the ComfyUI-loadable checkpoint (bf16 like the published file, or fp32)", SAVE, choices=["bf16", "fp32"])
+    keep_states: int = option(2, "full training states to keep (the newest ones); checkpoints are all kept", SAVE)
+    resume: str = option("", "continue from the newest training state in OUTPUT_DIR/states ('--resume' alone), "
+                         "or from the state folder given", SAVE, nargs="?", const="latest")
+
+    # --- feedback -------------------------------------------------------------------------
+    log_every: int = option(10, "log loss, lr, steps/s, images/s and MFU every this many steps", FEEDBACK)
+    tensorboard: bool = option(True, "write TensorBoard logs to OUTPUT_DIR/tensorboard", FEEDBACK)
+    sample_every: int = option(500, "render the validation prompts every this many steps and at the end (0 = never)", FEEDBACK)
+    validation_prompts: list = option([], "prompts rendered in the sample grids (default: the first num_validation_prompts captions)",
+                                      FEEDBACK, nargs="*", metavar="PROMPT")
+    num_validation_prompts: int = option(4, "captions used when validation_prompts is empty", FEEDBACK)
+    negative_prompt: str = option(" ", "negative prompt of the samples (the reference samples with ' ')", FEEDBACK)
+    sample_steps: int = option(30, "Euler steps per sample (reference: 30)", FEEDBACK)
+    sample_cfg: float = option(10.0, "classifier-free guidance of the samples (reference: 10)", FEEDBACK)
+    sample_seed: int = option(0, "noise seed of the first sample; prompt i uses seed + i", FEEDBACK)
+    peak_flops: float = option(0.0, "accelerator peak bf16 FLOP/s for MFU (default: looked up from the GPU name)", FEEDBACK)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.data != "", "no training data: pass --data FOLDER_OR_CSV (or set data in the --config file)"),
+            (self.resolution >= 16 and self.resolution % 16 == 0, f"resolution {self.resolution} is not a positive multiple of 16"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
+            (self.max_steps > 0 or self.max_epochs > 0, "set max_steps or max_epochs (both are 0, so training would never stop)"),
+            (self.max_steps >= 0 and self.max_epochs >= 0, "max_steps and max_epochs must not be negative"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay {self.ema_decay} must be in [0, 1)"),
+            (self.keep_states >= 1, "keep_states must be at least 1"),
+            (self.encoder_dtype in ("auto", "bf16", "fp32"), f"encoder_dtype {self.encoder_dtype!r}: use auto, bf16 or fp32"),
+            (self.precision in PRECISIONS, f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"),
+            (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
+            (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+    @property
+    def global_batch_per_process(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def to_toml(self) -> str:
+        """The resolved config as a TOML file that ``--config`` reads back."""
+        lines = [f"# Resolved config of this run; re-run with: python -m training --config {Path(self.output_dir) / 'config.toml'}"]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            lines.append(f"{field.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)  # JSON strings are valid TOML basic strings
+
+
+# --------------------------------------------------------------------------------------
+# Command line and TOML
+# --------------------------------------------------------------------------------------
+
+FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train AAADiT from scratch or fine-tune it. Options come from the defaults, then --config, "
+        "then the command line. Multi-GPU: accelerate launch --multi_gpu --num_processes N -m training ...",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with any of the options below (field names with underscores)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, field in FIELDS.items():
+        meta = field.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kwargs = dict(meta["argparse"])
+        flags = [f"--{name.replace('_', '-')}", *kwargs.pop("aliases", [])]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = meta["help"]
+        if "default" not in help_text and default not in ("", []):
+            help_text += f" (default: {default!r})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        kwargs.update(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif not isinstance(default, list):
+            kwargs.setdefault("type", type(default))
+        group.add_argument(*flags, **kwargs)
+    return parser
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Reads a flat TOML config, checking names and types so a typo fails with the key's name."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML ({err})") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise InputError(f"{path}: unknown option '{key}' (see python -m training --help)")
+        values[name] = _check_type(name, value, path)
+    return values
+
+
+def _check_type(name: str, value: Any, path: Path) -> Any:
+    field = FIELDS[name]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if isinstance(value, expected) and (expected is bool) == isinstance(value, bool):
+        return value
+    raise InputError(f"{path}: '{name}' must be {expected.__name__}, got {value!r}")
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then the command line."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    values = read_toml(config_file) if config_file else {}
+    values.update(args)
+    return TrainConfig(**values)
