@@ -1,0 +1,90 @@
+"""Throughput and MFU arithmetic, and TensorBoard logging that degrades to a warning when it is missing."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets.
+# Matched as whole words against torch.cuda.get_device_name(); the first match wins, so the
+# more specific names come first. --peak-flops overrides the table.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM (reported as "H100 80GB HBM3")
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 6000 Ada", 364e12),
+    ("RTX A6000", 155e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+def peak_flops(device: torch.device, override: float = 0.0) -> float | None:
+    """The accelerator's peak bf16 FLOP/s, or None where unknown (the CPU, an unlisted GPU)."""
+    if override > 0:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if re.search(rf"\b{re.escape(key)}\b", name):
+            return flops
+    log.info("no peak FLOP/s known for %s; pass --peak-flops to log MFU", name)
+    return None
+
+
+def training_flops_per_sample(model: torch.nn.Module, image_tokens: int, text_tokens: int) -> float:
+    """Forward + backward matmul FLOPs for one sample: 3 x forward (nanoGPT / PaLM convention).
+
+    Gradient-checkpointing recomputation is not counted, as usual for MFU.
+    """
+    return 3 * model.flops_per_forward(image_tokens, text_tokens)
+
+
+class TensorBoard:
+    """A SummaryWriter on the main process; a no-op elsewhere or when tensorboard is not installed."""
+
+    def __init__(self, folder: Path, enabled: bool):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package
+            log.warning("tensorboard is not installed (pip install tensorboard); training continues without its logs")
+            return
+        self.writer = SummaryWriter(str(folder))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """``image``: a PIL image."""
+        if self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

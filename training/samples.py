@@ -1,0 +1,79 @@
+"""Validation images: fixed prompts and seeds rendered during training, so a user sees the model learn.
+
+Sampling is ``aaa_core.sampling.sample`` (the reference's Euler sampler with CFG, section 8 of
+diffsynth-aaa.md) followed by a VAE decode; prompt ``i`` always uses noise seed ``seed + i``.
+The prompt embeddings come from the cache, so the text encoder is never loaded for this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from aaa_core.pipeline import decode_latents
+from aaa_core.sampling import make_noise, sample
+from aaa_core.images import tensor_to_pil
+from aaa_core.vae import Flux2VAE
+
+
+@torch.no_grad()
+def render_grid(
+    model: torch.nn.Module,
+    vae: Flux2VAE,
+    prompts: torch.Tensor,
+    negative: torch.Tensor,
+    resolution: int,
+    steps: int,
+    cfg: float,
+    seed: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Image.Image | None:
+    """Renders one image per prompt embedding ``(P, L, D)`` and tiles them; None if stopped midway."""
+    device = next(model.parameters()).device
+    dtype = torch.float32 if next(model.parameters()).dtype == torch.float32 else torch.bfloat16
+    side = resolution // vae.downscale_factor
+    noise = make_noise(seed, len(prompts), side, side, dtype, device)
+
+    def stop_check(done: int, total: int, x0: torch.Tensor) -> None:
+        if should_stop():
+            raise _Stopped
+
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast():
+            latents = sample(model, noise, prompts.to(device), negative[None].to(device), steps, cfg, callback=stop_check)
+        images = tensor_to_pil(decode_latents(vae, latents))
+    except _Stopped:
+        return None
+    finally:
+        model.train(was_training)
+    return tile(images)
+
+
+class _Stopped(Exception):
+    """Raised from the sampler's callback when the user asked to stop."""
+
+
+def tile(images: list[Image.Image]) -> Image.Image:
+    """A near-square grid, row by row, in prompt order."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def write_prompt_list(path: Path, prompts: list[str], seed: int) -> None:
+    """``samples/prompts.txt``: which prompt and seed each grid cell shows."""
+    lines = [f"cell {i} (seed {seed + i}): {prompt}" for i, prompt in enumerate(prompts)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

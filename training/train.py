@@ -1,0 +1,376 @@
+"""Trains AAADiT on FLUX.2 latents and Qwen3 prompt embeddings, encoded once into a cache.
+
+One GPU (or the CPU):
+    python -m training --config training/configs/pokemon.toml
+Several GPUs on one machine (accelerate/DDP does the distribution; nothing else changes):
+    accelerate launch --multi_gpu --num_processes 8 -m training --config training/configs/pokemon.toml
+Several machines (run on each machine with its own --machine_rank; OUTPUT_DIR on a shared disk):
+    accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
+        --main_process_ip 10.0.0.1 --main_process_port 29500 -m training --config training/configs/pokemon.toml
+Continue after Ctrl-C, a crash or a time limit (Ctrl-C and SIGTERM save first):
+    python -m training --config training/configs/pokemon.toml --resume
+Fine-tune the published step-600000 instead of starting from random weights:
+    python -m training --config training/configs/pokemon.toml --init-from published --lr 2e-5
+
+``train(config)`` reads top to bottom: set-up, data, model, EMA, optimizer, resume, loop,
+final checkpoint. Every option and its default is in ``config.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from aaa_core import downloads
+from aaa_core.checkpoint import atomic_output
+from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
+from aaa_core.errors import AAAError, InputError
+from aaa_core.scheduler import TrainingSchedule
+from aaa_core.vae import load_vae
+
+from .batches import BatchOrder
+from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, resolve_dtype
+from .checkpoints import SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, write_text_atomic
+from .config import TrainConfig, parse_config
+from .data import Skipped, find_samples, report_skipped
+from .interrupt import StopRequest
+from .loss import draw_noise, flow_matching_loss, step_generator
+from .metrics import TensorBoard, peak_flops, training_flops_per_sample
+from .samples import render_grid, write_prompt_list
+
+log = logging.getLogger("training")
+
+# Options that change the numbers a resumed run computes; a change is allowed but warned about.
+RESUME_SENSITIVE = (
+    "resolution", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps", "seed",
+)
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """What a run did, for callers and tests."""
+
+    step: int
+    checkpoint: Path | None
+    state: Path | None
+    losses: list[tuple[int, float]]  # (step, mean loss since the previous log line)
+    cache: CacheStats
+    skipped: list[Skipped]
+    stopped: bool
+
+
+def train(cfg: TrainConfig) -> TrainSummary:
+    # ---------------------------------------------------------------- set-up
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if precision == "bf16" else "no")
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
+    compute_dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    encoder_dtype = resolve_dtype(cfg.encoder_dtype, device)
+    if use_cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
+
+    out = Path(cfg.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = _log_to_file(out / "train.log", is_main)
+    if is_main:
+        write_text_atomic(out / "config.toml", cfg.to_toml())
+    log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
+
+    stop = StopRequest().__enter__()  # first Ctrl-C / SIGTERM: finish the step, save, exit
+    try:
+        # ------------------------------------------------------------ data
+        samples, skipped = find_samples(cfg.data)
+        with accelerator.main_process_first():  # one download and one model-file hash, then the others reuse them
+            vae_path = downloads.resolve_model_file(downloads.VAE, cfg.vae or None, cfg.model_dir or None)
+            text_encoder_path = downloads.resolve_model_file(downloads.TEXT_ENCODER, cfg.text_encoder or None, cfg.model_dir or None)
+            cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
+        prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
+        data, unreadable = encode_dataset(
+            samples, prompts + [cfg.negative_prompt], cache, vae_path, text_encoder_path, device,
+            cfg.encode_batch_size, rank, world, barrier, stop,
+        )
+        skipped += unreadable
+        if is_main:
+            report_skipped(skipped, len(samples) + len(skipped) - len(unreadable))
+        if cfg.cache_on_device:
+            data = data.to(device)
+        _, latent_channels, latent_h, latent_w = data.latents.shape
+        text_tokens, text_dim = data.text.shape[1:]
+        log.info("data: %d samples (%d images, %d distinct prompts), latents %dx%dx%d, prompts %dx%d",
+                 len(data), len(data.latents), len(data.text), latent_channels, latent_h, latent_w, text_tokens, text_dim)
+
+        # ------------------------------------------------------------ model
+        state = find_state(cfg.resume, out / "states") if cfg.resume else None
+        if cfg.resume and state is None:
+            log.info("--resume: no saved state in %s yet; starting from the beginning", out / "states")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if state is not None:  # sizes from the state; the weights are loaded below
+            model = AAADiT(AAADiTConfig(**json.loads(read_progress(state)["model_config"])))
+        elif cfg.init_from:
+            source = None if cfg.init_from == "published" else cfg.init_from
+            path = downloads.resolve_model_file(downloads.DIT, source, cfg.model_dir or None)
+            model = load_dit(path, dtype=torch.float32).train().requires_grad_(True)
+            log.info("fine-tuning %s (sizes from the file: %s)", path, model.config)
+        else:
+            model = AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=latent_channels, text_dim=text_dim))
+        if (model.config.latent_channels, model.config.text_dim) != (latent_channels, text_dim):
+            raise InputError(
+                f"the DiT takes {model.config.latent_channels}-channel latents and {model.config.text_dim}-wide prompts, "
+                f"but the encoders give {latent_channels} and {text_dim}"
+            )
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        model.to(device=device, dtype=compute_dtype)
+        num_params = sum(p.numel() for p in model.parameters())
+        log.info("AAADiT %s: %.1fM parameters", model.config, num_params / 1e6)
+
+        # ------------------------------------------------------------ EMA
+        # A float32 copy on the device, updated after every optimizer step; it is what the saved
+        # .safetensors and the samples use. The raw weights stay in the training state.
+        ema = copy.deepcopy(model).float().eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+
+        # ------------------------------------------------------------ optimizer
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay, fused=use_cuda,
+        )
+
+        def lr_factor(step: int) -> float:
+            if step >= cfg.warmup_steps:
+                return 1.0
+            return 1 / 3 if cfg.warmup == "constant" else (step + 1) / cfg.warmup_steps  # constant: ConstantLR's default 1/3
+
+        # Stepped once per optimizer step by us (not passed to accelerate, which would step it once per process).
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        if cfg.compile:
+            for block in model.blocks:
+                block.compile()
+        model, optimizer = accelerator.prepare(model, optimizer)
+        unwrapped = accelerator.unwrap_model(model)
+
+        # ------------------------------------------------------------ resume
+        step = 0
+        if state is not None:
+            progress = load_state(state, unwrapped, ema, optimizer, lr_scheduler, rank)
+            step = progress["step"]
+            _warn_on_changes(progress, cfg, data.fingerprint, world, state)
+            log.info("resumed from %s at step %d", state, step)
+
+        # ------------------------------------------------------------ loop
+        schedule = TrainingSchedule.flux2()
+        order = BatchOrder(len(data), cfg.batch_size, rank, world, cfg.seed, data.image_index.device)
+        samples_per_step = cfg.batch_size * cfg.grad_accum * world
+        total_steps = _total_steps(cfg, len(data), samples_per_step)
+        flops_per_step = training_flops_per_sample(unwrapped, latent_h * latent_w, text_tokens) * cfg.batch_size * cfg.grad_accum
+        peak = peak_flops(device, cfg.peak_flops)
+        run_name = out.resolve().name
+        tensorboard = TensorBoard(out / "tensorboard", cfg.tensorboard and is_main)
+        vae = None  # decoder for the samples, loaded at the first sample grid
+        prompt_embeds = torch.stack([data.extra_prompts[p] for p in prompts])
+        if is_main and cfg.sample_every:
+            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed)
+
+        def save(step: int) -> tuple[Path | None, Path]:
+            checkpoint = None
+            if is_main:
+                weights = (ema or unwrapped).state_dict()
+                checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
+                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema else "raw", SAVE_DTYPES[cfg.save_dtype])
+            progress = {
+                "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
+                "data_fingerprint": data.fingerprint, "world_size": world,
+            }
+            state_dir = save_state(out / "states", step, unwrapped, ema, optimizer, lr_scheduler, progress,
+                                   cfg.keep_states, rank, barrier)
+            log.info("step %d: saved %s and %s", step, checkpoint or "weights", state_dir)
+            return checkpoint, state_dir
+
+        log.info("training steps %d -> %d: %d samples per step (%d x %d accumulation x %d processes), %.1f epochs",
+                 step, total_steps, samples_per_step, cfg.batch_size, cfg.grad_accum, world,
+                 total_steps * samples_per_step / len(data))
+        losses: list[tuple[int, float]] = []
+        checkpoint = state_dir = None
+        last_saved = step if state is not None else -1
+        loss_sum, loss_count = torch.zeros((), device=device), 0
+        window_start, window_steps = time.perf_counter(), 0
+        stopped = False
+        bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=None if is_main else True, dynamic_ncols=True)
+        with bar, logging_redirect_tqdm():
+            while step < total_steps:
+                for micro in range(cfg.grad_accum):
+                    micro_step = step * cfg.grad_accum + micro
+                    batch = order.indices(micro_step)
+                    latents = data.latents[data.image_index[batch]].to(device, compute_dtype, non_blocking=True)
+                    text = data.text[data.text_index[batch]].to(device, non_blocking=True)
+                    indices, noise = draw_noise(latents, len(schedule.sigmas), step_generator(cfg.seed, micro_step, rank, device))
+                    no_sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+                    with no_sync:
+                        loss = flow_matching_loss(model, latents, text, indices, noise, schedule, cfg.reference_timesteps).mean()
+                        accelerator.backward(loss / cfg.grad_accum)
+                    loss_sum += loss.detach()
+                    loss_count += 1
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    _update_ema(ema, unwrapped, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                stopping = _any_process(accelerator, stop.requested)
+
+                if step % cfg.log_every == 0 or step == total_steps or stopping:
+                    mean_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()  # also syncs the GPU for timing
+                    steps_per_s = window_steps / (time.perf_counter() - window_start)
+                    scalars = {
+                        "train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                        "train/epoch": order.epoch(step * cfg.grad_accum),
+                        "perf/steps_per_s": steps_per_s, "perf/images_per_s": steps_per_s * samples_per_step,
+                    }
+                    if grad_norm is not None:
+                        scalars["train/grad_norm"] = float(grad_norm)
+                    if peak:
+                        scalars["perf/mfu"] = flops_per_step * steps_per_s / peak
+                    tensorboard.scalars(scalars, step)
+                    losses.append((step, mean_loss))
+                    mfu = f" | MFU {100 * scalars['perf/mfu']:.1f}%" if peak else ""
+                    log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.2f steps/s | %.1f img/s%s", step, total_steps,
+                             scalars["train/epoch"], mean_loss, scalars["train/lr"], steps_per_s, scalars["perf/images_per_s"], mfu)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", steps_s=f"{steps_per_s:.2f}")
+                    loss_sum.zero_()
+                    loss_count = 0
+                    window_start, window_steps = time.perf_counter(), 0
+
+                if cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps) and not stopping:
+                    if is_main:
+                        vae = vae or load_vae(vae_path, dtype=encoder_dtype, device=device)
+                        grid = render_grid(ema or unwrapped, vae, prompt_embeds, data.extra_prompts[cfg.negative_prompt],
+                                           cfg.resolution, cfg.sample_steps, cfg.sample_cfg, cfg.sample_seed,
+                                           accelerator.autocast, stop)
+                        if grid is not None:
+                            with atomic_output(out / "samples" / f"step-{step:06d}.png") as tmp:
+                                grid.save(tmp, format="PNG")
+                            tensorboard.image("samples", grid, step)
+                    barrier()
+                    window_start, window_steps = time.perf_counter(), 0
+
+                if step % cfg.save_every == 0 or step == total_steps or stopping:
+                    checkpoint, state_dir = save(step)
+                    last_saved = step
+                    window_start, window_steps = time.perf_counter(), 0
+                if stopping:
+                    stopped = True
+                    log.warning("stopped at step %d; continue with --resume", step)
+                    break
+
+        # ------------------------------------------------------------ final checkpoint
+        if last_saved != step:
+            checkpoint, state_dir = save(step)
+        tensorboard.close()
+        if is_main and checkpoint is not None:
+            log.info("done: %s (copy it to ComfyUI/models/diffusion_models/ and pick it in the AAADiT loader)", checkpoint)
+        accelerator.end_training()
+        return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped)
+    finally:
+        stop.__exit__()
+        if log_file is not None:
+            for name in ("training", "aaa_core"):
+                logging.getLogger(name).removeHandler(log_file)
+            log_file.close()
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * weights``, on every parameter at once."""
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def _total_steps(cfg: TrainConfig, num_samples: int, samples_per_step: int) -> int:
+    """The first of max_steps and max_epochs reached."""
+    limits = []
+    if cfg.max_steps > 0:
+        limits.append(cfg.max_steps)
+    if cfg.max_epochs > 0:
+        limits.append(max(1, math.ceil(cfg.max_epochs * num_samples / samples_per_step)))
+    return min(limits)
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True if any process was asked to stop, so all stop at the same step (no collective left waiting)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
+
+
+def _warn_on_changes(progress: dict, cfg: TrainConfig, fingerprint: str, world: int, state: Path) -> None:
+    saved = progress.get("config", {})
+    for name in RESUME_SENSITIVE:
+        if name in saved and saved[name] != getattr(cfg, name):
+            log.warning("%s changed since %s was saved (%r -> %r): the run will differ from an uninterrupted one",
+                        name, state, saved[name], getattr(cfg, name))
+    if progress.get("data_fingerprint") != fingerprint:
+        log.warning("the training data changed since %s was saved: the data order differs from an uninterrupted run", state)
+    if progress.get("world_size", world) != world:
+        log.warning("%s was saved with %d processes, now %d: batches and noise differ from an uninterrupted run",
+                    state, progress["world_size"], world)
+
+
+def _log_to_file(path: Path, is_main: bool) -> logging.Handler | None:
+    """Also logs to OUTPUT_DIR/train.log (main process only); removed again when ``train`` returns."""
+    if not is_main:
+        logging.getLogger("training").setLevel(logging.WARNING)
+        return None
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("training", "aaa_core"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: parses options, trains, and turns user errors into one line and exit code 1."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s")
+    try:
+        train(parse_config(argv))
+    except AAAError as err:
+        log.error("%s", err)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted without saving; the newest saved state is in OUTPUT_DIR/states")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
