@@ -142,6 +142,13 @@ class _PatcherModule(torch.nn.Module):
         return self.weight_dtype
 
 
+# One subclass per kind, so ComfyUI's log reads "Requested to load AAADiT", not the wrapper's name.
+_PATCHER_MODULES = {
+    kind: type(name, (_PatcherModule,), {"__doc__": f"The {name} inside a ModelPatcher."})
+    for kind, name in ((DIT, "AAADiT"), (VAE, "Flux2VAE"), (TEXT_ENCODER, "Qwen3TextEncoder"))
+}
+
+
 class ManagedModel:
     """A core model and the ComfyUI ModelPatcher that places it: the value an AAA_* socket carries."""
 
@@ -162,7 +169,7 @@ class ManagedModel:
         self.load_device, self.offload_device = model_devices(kind)
         self.patcher = None
         if mm is not None:
-            holder = _PatcherModule(module, weight_dtype, compute_dtype)
+            holder = _PATCHER_MODULES[kind](module, weight_dtype, compute_dtype)
             # Keywords: the 2024 constructor has current_device before weight_inplace_update.
             self.patcher = comfy.model_patcher.ModelPatcher(
                 holder, load_device=self.load_device, offload_device=self.offload_device
