@@ -1,0 +1,663 @@
+"""The ComfyUI nodes called directly, without ComfyUI: the bridge's plain-torch fallback, tiny model files.
+
+The pack is imported the way ComfyUI imports it, as a package (here named ``aaa_pack``) whose
+modules reach ``aaa_core`` with relative imports; a plain ``import nodes`` would not work. Its copy
+of ``aaa_core`` is therefore ``aaa_pack.aaa_core`` (its own error classes), while the reference
+results come from the top-level ``aaa_core`` the CLI uses: same code, separately loaded models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from aaa_core.dit import load_dit
+from aaa_core.sampling import make_noise, sample
+from tiny_models import save_tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+PACK_NAME = "aaa_pack"
+
+
+def import_pack():
+    """Imports the repository root as the package ComfyUI sees (relative imports and all)."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pack = import_pack()
+bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
+model_files = sys.modules[f"{PACK_NAME}.nodes.model_files"]
+errors = sys.modules[f"{PACK_NAME}.aaa_core.errors"]
+core_downloads = sys.modules[f"{PACK_NAME}.aaa_core.downloads"]
+NODES = pack.NODE_CLASS_MAPPINGS
+
+
+def node(node_id: str):
+    cls = NODES[node_id]
+    return getattr(cls(), cls.FUNCTION)
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures: tiny model files in ComfyUI's folder layout, loaded once through the loader nodes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_models(root)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def fallback_folders(models_root, monkeypatch):
+    """Points the fallback's folder lookup at the tiny models, and leaves no hook or Cancel behind."""
+    monkeypatch.setattr(bridge, "FALLBACK_MODEL_DIRS", {name: [models_root / name] for name in ("unet", "vae", "clip")})
+    monkeypatch.setattr(bridge, "progress_hook", None)
+    yield
+    monkeypatch.setattr(bridge, "_interrupt_requested", False)
+
+
+@pytest.fixture(scope="module")
+def models(models_root):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bridge, "FALLBACK_MODEL_DIRS", {name: [models_root / name] for name in ("unet", "vae", "clip")})
+        (dit,) = node("AAADiTLoader")("aaa_tiny.safetensors", "auto")
+        (text_encoder,) = node("AAATextEncoderLoader")("qwen3_tiny.safetensors")
+        (vae,) = node("AAAVAELoader")("flux2_tiny.safetensors")
+    return SimpleNamespace(dit=dit, text_encoder=text_encoder, vae=vae)
+
+
+@pytest.fixture(scope="module")
+def prompts(models):
+    (positive,) = node("AAATextEncode")(models.text_encoder, "a green lizard pokemon with a plant bulb on its back")
+    (negative,) = node("AAATextEncode")(models.text_encoder, " ")
+    return positive, negative
+
+
+def embeds(conditioning) -> torch.Tensor:
+    return conditioning[0][0]
+
+
+def record_progress(monkeypatch, interrupt_after: int | None = None) -> list:
+    """Installs a progress hook like ComfyUI's server; optionally presses Cancel after N updates."""
+    updates = []
+
+    def hook(value, total, preview):
+        updates.append((value, total))
+        if len(updates) == interrupt_after:
+            bridge.request_interrupt()
+
+    monkeypatch.setattr(bridge, "progress_hook", hook)
+    return updates
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+# --------------------------------------------------------------------------------------
+# Metadata and import
+# --------------------------------------------------------------------------------------
+
+
+def test_node_metadata_ids_tooltips_descriptions_categories():
+    assert set(NODES) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, cls in NODES.items():
+        assert node_id.startswith("AAA"), node_id
+        assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("AAA ")
+        assert cls.CATEGORY.startswith("AAADiT/"), node_id
+        assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 20, node_id
+        assert isinstance(cls.RETURN_TYPES, tuple) and callable(getattr(cls, cls.FUNCTION))
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), node_id
+        inputs = cls.INPUT_TYPES()
+        assert set(inputs) == {"required"}
+        for name, spec in inputs["required"].items():
+            assert len(spec) == 2 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        json.dumps(inputs)  # /object_info serialises it
+    # Our models travel in our own socket types, so they cannot be wired into native nodes.
+    assert NODES["AAADiTLoader"].RETURN_TYPES == ("AAA_DIT",)
+    assert NODES["AAATextEncoderLoader"].RETURN_TYPES == ("AAA_TEXT_ENCODER",)
+    assert NODES["AAAVAELoader"].RETURN_TYPES == ("AAA_VAE",)
+    assert NODES["AAASampler"].INPUT_TYPES()["required"]["model"][0] == "AAA_DIT"
+
+
+def test_importing_the_pack_loads_no_model_and_touches_no_network():
+    """A fresh interpreter imports the pack with sockets and model construction watched."""
+    script = f"""
+import importlib.util, socket, sys
+import torch
+
+def no_network(*args, **kwargs):
+    raise AssertionError("network touched at import time")
+socket.socket.connect = no_network
+socket.create_connection = no_network
+modules = []
+original_init = torch.nn.Module.__init__
+def counting_init(self, *args, **kwargs):
+    modules.append(type(self).__name__)
+    original_init(self, *args, **kwargs)
+torch.nn.Module.__init__ = counting_init
+
+spec = importlib.util.spec_from_file_location("aaa_pack", {str(ROOT / "__init__.py")!r}, submodule_search_locations=[{str(ROOT)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["aaa_pack"] = pack
+spec.loader.exec_module(pack)
+assert len(pack.NODE_CLASS_MAPPINGS) == 8
+assert modules == [], modules
+heavy = [name for name in ("transformers", "modelscope", "diffusers", "comfy") if name in sys.modules]
+assert heavy == [], heavy
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------
+# Loaders and model files
+# --------------------------------------------------------------------------------------
+
+
+def test_dropdowns_list_the_folder_and_offer_the_official_file(models_root):
+    dit_choices = NODES["AAADiTLoader"].INPUT_TYPES()["required"]["dit_name"][0]
+    assert dit_choices == ["aaa_tiny.safetensors", "aaa_dit_step-600000.safetensors"]
+    assert NODES["AAAVAELoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["flux2_tiny.safetensors", "flux2_vae.safetensors"]
+    te_choices = NODES["AAATextEncoderLoader"].INPUT_TYPES()["required"]["text_encoder_name"][0]
+    assert te_choices == ["qwen3_tiny.safetensors", "qwen3_0.6b.safetensors"]
+
+
+def test_official_file_on_disk_is_listed_once(models_root, tmp_path, monkeypatch):
+    (tmp_path / "flux2_vae.safetensors").write_bytes((models_root / "vae" / "flux2_tiny.safetensors").read_bytes())
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [tmp_path])
+    assert NODES["AAAVAELoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["flux2_vae.safetensors"]
+    (vae,) = node("AAAVAELoader")("flux2_vae.safetensors")
+    assert vae.path == tmp_path / "flux2_vae.safetensors"
+
+
+def test_loaders_return_managed_models_in_fp32_on_the_cpu(models):
+    assert models.dit.kind == "dit" and models.dit.compute_dtype == torch.float32
+    assert models.dit.model.config.text_dim == 32 and models.dit.path.name == "aaa_tiny.safetensors"
+    assert models.text_encoder.model.dtype == torch.float32
+    assert models.vae.model.latent_channels == 128 and models.vae.model.downscale_factor == 16
+    assert models.dit.patcher is None  # no ComfyUI: no ModelPatcher, plain torch placement
+    assert models.dit.load() is models.dit.model
+
+
+def test_dit_weight_dtype_choice_is_applied(models_root):
+    (dit,) = node("AAADiTLoader")("aaa_tiny.safetensors", "bf16")
+    assert dit.weight_dtype == dit.compute_dtype == torch.bfloat16 and dit.model.dtype == torch.bfloat16
+
+
+def test_missing_official_file_is_downloaded_into_the_first_folder_with_byte_progress(models_root, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [first, second])
+    weights = (models_root / "vae" / "flux2_tiny.safetensors").read_bytes()
+    calls = []
+
+    def fake_download(source, target, progress):
+        calls.append((source.repo_id, target))
+        for done in (len(weights) // 2, len(weights)):
+            progress(done, len(weights))
+            time.sleep(0.3)  # long enough for the waiting thread to report each step
+        target.write_bytes(weights)
+        return target
+
+    monkeypatch.setattr(core_downloads, "download", fake_download)
+    updates = record_progress(monkeypatch)
+    (vae,) = node("AAAVAELoader")("flux2_vae.safetensors")
+    assert calls == [("black-forest-labs/FLUX.2-klein-4B", first / "flux2_vae.safetensors")]
+    assert vae.path == first / "flux2_vae.safetensors" and vae.model.latent_channels == 128
+    assert updates and updates[-1] == (len(weights), len(weights))
+
+
+def test_download_stops_when_cancel_is_pressed(tmp_path, monkeypatch):
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [tmp_path])
+    stopped = threading.Event()
+
+    def endless_download(source, target, progress):
+        try:
+            for done in range(1, 10_000):
+                progress(done, 10_000)
+                time.sleep(0.01)
+        finally:
+            stopped.set()
+        raise AssertionError("the download was not cancelled")
+
+    monkeypatch.setattr(core_downloads, "download", endless_download)
+    record_progress(monkeypatch, interrupt_after=1)
+    started = time.perf_counter()
+    with pytest.raises(bridge.Interrupted):
+        node("AAADiTLoader")("aaa_dit_step-600000.safetensors", "auto")
+    assert time.perf_counter() - started < 5
+    assert stopped.wait(5), "the download worker kept running"
+    assert not (tmp_path / "aaa_dit_step-600000.safetensors").exists()
+
+
+def test_offline_download_error_names_the_file_the_folder_and_the_url(tmp_path, monkeypatch):
+    """An empty folder: the dropdown offers only the official name, and offline the error says where to put it."""
+    # importlib: the modelscope.hub package re-exports a function of the same name as the module.
+    snapshot_module = importlib.import_module("modelscope.hub.snapshot_download")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'modelscope.cn'")
+
+    monkeypatch.setattr(snapshot_module, "snapshot_download", offline)
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [tmp_path])
+    assert NODES["AAADiTLoader"].INPUT_TYPES()["required"]["dit_name"][0] == ["aaa_dit_step-600000.safetensors"]
+    with pytest.raises(errors.ModelFileError) as excinfo:
+        node("AAADiTLoader")("aaa_dit_step-600000.safetensors", "auto")
+    message = one_line_error(excinfo)
+    assert str(tmp_path / "aaa_dit_step-600000.safetensors") in message
+    assert "'step-600000.safetensors' from https://modelscope.cn/models/DiffSynth-Studio/AAAMyModel/files" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_without_modelscope_installed_says_how_to_fix_it(tmp_path, monkeypatch):
+    def no_modelscope(source, target, progress):
+        raise ModuleNotFoundError("No module named 'modelscope'")
+
+    monkeypatch.setattr(core_downloads, "download", no_modelscope)
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [tmp_path])
+    with pytest.raises(errors.ModelFileError) as excinfo:
+        node("AAAVAELoader")("flux2_vae.safetensors")
+    message = one_line_error(excinfo)
+    assert "pip install modelscope" in message and str(tmp_path / "flux2_vae.safetensors") in message
+    assert "https://modelscope.cn/models/black-forest-labs/FLUX.2-klein-4B/files" in message
+
+
+def test_file_not_in_the_folder_names_the_folder_and_the_expected_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "clip", [tmp_path])
+    with pytest.raises(errors.ModelFileError) as excinfo:
+        node("AAATextEncoderLoader")("someone_elses_te.safetensors")
+    message = one_line_error(excinfo)
+    assert "'someone_elses_te.safetensors' is not in the 'clip' model folder" in message and str(tmp_path) in message
+    assert "Qwen3-0.6B" in message and "qwen3_0.6b.safetensors" in message
+
+
+def test_vae_file_picked_in_the_dit_loader_says_what_it_is(models_root, monkeypatch):
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [models_root / "vae"])
+    with pytest.raises(errors.ModelFileError) as excinfo:
+        node("AAADiTLoader")("flux2_tiny.safetensors", "auto")
+    message = one_line_error(excinfo)
+    assert "flux2_tiny.safetensors: holds a FLUX.2 VAE, but an AAADiT diffusion model was expected" in message
+
+
+def test_missing_tokenizer_is_a_one_line_error(models_root, tmp_path, monkeypatch):
+    text_encoder = sys.modules.get(f"{PACK_NAME}.aaa_core.text_encoder") or importlib.import_module(f"{PACK_NAME}.aaa_core.text_encoder")
+    monkeypatch.setattr(text_encoder, "ASSETS_DIR", tmp_path)  # as if the packaged tokenizer were gone
+    text_encoder._packaged_tokenizer.cache_clear()
+    try:
+        with pytest.raises(errors.ModelFileError) as excinfo:
+            node("AAATextEncoderLoader")("qwen3_tiny.safetensors")
+    finally:
+        text_encoder._packaged_tokenizer.cache_clear()
+    assert f"{tmp_path}: tokenizer files cannot be loaded" in one_line_error(excinfo)
+
+
+# --------------------------------------------------------------------------------------
+# Conditioning and latents
+# --------------------------------------------------------------------------------------
+
+
+def test_text_encode_gives_comfyui_conditioning(models, prompts):
+    positive, _ = prompts
+    assert isinstance(positive, list) and len(positive) == 1 and positive[0][1] == {}
+    tensor = embeds(positive)
+    assert tensor.shape == (1, 128, 32) and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+    expected = models.text_encoder.model.encode(["a green lizard pokemon with a plant bulb on its back"])
+    assert torch.equal(tensor, expected)
+
+
+def test_empty_latent_is_flux2_shaped_zeros():
+    (latent,) = node("AAAEmptyLatentImage")(width=64, height=48, batch_size=2)
+    assert set(latent) == {"samples"}
+    samples = latent["samples"]
+    assert samples.shape == (2, 128, 3, 4) and samples.dtype == torch.float32 and not samples.any()
+
+
+def test_width_not_a_multiple_of_16_fails_validation_and_execution():
+    cls = NODES["AAAEmptyLatentImage"]
+    assert cls.VALIDATE_INPUTS(width=256, height=256) is True
+    message = cls.VALIDATE_INPUTS(width=250, height=256)
+    assert "width 250 is not a positive multiple of 16; try 256" in message
+    assert "height 9000 is above the maximum" in cls.VALIDATE_INPUTS(width=256, height=9000)
+    with pytest.raises(errors.InputError) as excinfo:
+        node("AAAEmptyLatentImage")(width=250, height=256, batch_size=1)
+    assert "width 250" in one_line_error(excinfo)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------
+
+
+def reference_dit(models):
+    """The same file loaded by the top-level aaa_core, as the CLI does."""
+    return load_dit(models.dit.path)
+
+
+def test_sampler_output_equals_core_sample_for_the_same_seed(models, prompts):
+    positive, negative = prompts
+    (latent,) = node("AAAEmptyLatentImage")(width=64, height=48, batch_size=2)
+    (result,) = node("AAASampler")(models.dit, positive, negative, latent, seed=7, steps=3, cfg=10.0, denoise=1.0)
+    with torch.inference_mode():
+        expected = sample(reference_dit(models), make_noise(7, 2, 3, 4), embeds(positive), embeds(negative), 3, 10.0)
+    samples = result["samples"]
+    assert samples.dtype == torch.float32 and samples.device.type == "cpu"
+    assert torch.equal(samples, expected)
+    assert not latent["samples"].any()  # the input latent is untouched
+
+
+def test_img2img_with_denoise_below_1_equals_core_sample(models, prompts):
+    positive, negative = prompts
+    pixels = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(3))
+    (encoded,) = node("AAAVAEEncode")(pixels, models.vae)
+    original = encoded["samples"].clone()
+    (result,) = node("AAASampler")(models.dit, positive, negative, encoded, seed=11, steps=4, cfg=10.0, denoise=0.6)
+    with torch.inference_mode():
+        expected = sample(
+            reference_dit(models), make_noise(11, 1, 3, 4), embeds(positive), embeds(negative), 4, 10.0,
+            denoise=0.6, init_latents=original,
+        )
+    assert torch.equal(result["samples"], expected)
+    assert torch.equal(encoded["samples"], original)
+
+
+def test_sampler_keeps_other_latent_keys_and_honours_batch_index(models, prompts):
+    positive, negative = prompts
+    (batch,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=2)
+    (full,) = node("AAASampler")(models.dit, positive, negative, batch, seed=5, steps=2, cfg=10.0, denoise=1.0)
+    # What ComfyUI's Latent From Batch (index 1) hands on: one image and its index in the batch.
+    picked = {"samples": batch["samples"][1:2].clone(), "batch_index": [1], "custom": "kept"}
+    (one,) = node("AAASampler")(models.dit, positive, negative, picked, seed=5, steps=2, cfg=10.0, denoise=1.0)
+    assert one["batch_index"] == [1] and one["custom"] == "kept" and picked["samples"].abs().sum() == 0
+    # Same noise (seed 5 + 1); batch 1 vs 2 only changes float32 matmul rounding.
+    torch.testing.assert_close(one["samples"], full["samples"][1:2], rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_1_needs_no_negative_pass_and_denoise_0_returns_the_input(models, prompts):
+    positive, negative = prompts
+    (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
+    (result,) = node("AAASampler")(models.dit, positive, negative, latent, seed=1, steps=2, cfg=1.0, denoise=1.0)
+    with torch.inference_mode():
+        expected = sample(reference_dit(models), make_noise(1, 1, 2, 2), embeds(positive), None, 2, 1.0)
+    assert torch.equal(result["samples"], expected)
+    (unchanged,) = node("AAASampler")(models.dit, positive, negative, result, seed=1, steps=2, cfg=1.0, denoise=0.0)
+    assert torch.equal(unchanged["samples"], result["samples"]) and unchanged["samples"] is not result["samples"]
+
+
+def test_sampler_ticks_progress_once_per_step(models, prompts, monkeypatch):
+    positive, negative = prompts
+    (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
+    updates = record_progress(monkeypatch)
+    node("AAASampler")(models.dit, positive, negative, latent, seed=0, steps=4, cfg=10.0, denoise=1.0)
+    assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_cancel_stops_sampling_within_one_step(models, prompts, monkeypatch):
+    positive, negative = prompts
+    (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
+    updates = record_progress(monkeypatch, interrupt_after=2)
+    forwards = []
+    dit = models.dit.model
+    hook = dit.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        with pytest.raises(bridge.Interrupted):
+            node("AAASampler")(models.dit, positive, negative, latent, seed=0, steps=20, cfg=10.0, denoise=1.0)
+    finally:
+        hook.remove()
+    assert updates == [(1, 20), (2, 20)]
+    assert len(forwards) == 3  # the step during which Cancel was pressed, then nothing more
+
+
+@pytest.mark.parametrize(
+    "make_latent, expected",
+    [
+        (lambda: {"samples": torch.zeros(1, 4, 32, 32)}, "latent_image has 4 channels (a Stable Diffusion 1.x/SDXL latent?)"),
+        (lambda: {"samples": torch.zeros(1, 128, 2, 4, 4)}, "latent_image has shape (1, 128, 2, 4, 4)"),
+        (lambda: torch.zeros(1, 128, 4, 4), "latent_image is not a LATENT"),
+    ],
+)
+def test_latent_from_another_model_is_a_one_line_error(models, prompts, make_latent, expected):
+    positive, negative = prompts
+    with pytest.raises(errors.InputError) as excinfo:
+        node("AAASampler")(models.dit, positive, negative, make_latent(), seed=0, steps=2, cfg=10.0, denoise=1.0)
+    assert expected in one_line_error(excinfo)
+
+
+def test_bad_conditioning_is_a_one_line_error(models, prompts):
+    positive, negative = prompts
+    (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
+    sampler = node("AAASampler")
+    cases = [
+        (positive + positive, negative, "positive conditioning has 2 entries"),
+        (positive, [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]], "negative conditioning is 768 wide but this AAADiT takes 32"),
+        ([], negative, "positive conditioning is empty"),
+    ]
+    for pos, neg, expected in cases:
+        with pytest.raises(errors.InputError) as excinfo:
+            sampler(models.dit, pos, neg, latent, seed=0, steps=2, cfg=10.0, denoise=1.0)
+        assert expected in one_line_error(excinfo)
+
+
+# --------------------------------------------------------------------------------------
+# VAE decode / encode
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_gives_float32_images_in_0_1_one_tick_per_image(models, monkeypatch):
+    latents = {"samples": torch.randn(3, 128, 3, 4, generator=torch.Generator().manual_seed(0))}
+    updates = record_progress(monkeypatch)
+    (images,) = node("AAAVAEDecode")(latents, models.vae)
+    assert images.shape == (3, 48, 64, 3) and images.dtype == torch.float32 and images.device.type == "cpu"
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    assert updates == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_cancel_stops_decoding_within_one_image(models, monkeypatch):
+    latents = {"samples": torch.zeros(4, 128, 2, 2)}
+    updates = record_progress(monkeypatch, interrupt_after=1)
+    with pytest.raises(bridge.Interrupted):
+        node("AAAVAEDecode")(latents, models.vae)
+    assert updates == [(1, 4)]
+
+
+def test_encode_centre_crops_to_a_multiple_of_16_and_logs_it(models, caplog):
+    pixels = torch.rand(2, 40, 70, 4)  # RGBA, 70x40 -> 64x32
+    with caplog.at_level(logging.INFO):
+        (latent,) = node("AAAVAEEncode")(pixels, models.vae)
+    samples = latent["samples"]
+    assert samples.shape == (2, 128, 2, 4) and samples.dtype == torch.float32
+    assert "centre-cropped 70x40 to 64x32" in caplog.text
+    # The crop is the middle: the same as encoding the middle pixels directly.
+    (middle,) = node("AAAVAEEncode")(pixels[:, 4:36, 3:67, :3].clone(), models.vae)
+    assert torch.equal(middle["samples"], samples)
+
+
+def test_encode_rejects_images_smaller_than_16_pixels(models):
+    with pytest.raises(errors.InputError) as excinfo:
+        node("AAAVAEEncode")(torch.rand(1, 8, 64, 3), models.vae)
+    assert "image height 8 is smaller than 16 pixels" in one_line_error(excinfo)
+
+
+def test_decode_then_encode_round_trip_stays_in_latent_space(models):
+    (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
+    (images,) = node("AAAVAEDecode")(latent, models.vae)
+    (encoded,) = node("AAAVAEEncode")(images, models.vae)
+    assert encoded["samples"].shape == latent["samples"].shape
+
+
+# --------------------------------------------------------------------------------------
+# The bridge's compatibility shims, against stand-ins for the two ComfyUI API generations
+# --------------------------------------------------------------------------------------
+
+
+class _FakePatcher:
+    """Does what ComfyUI 0.10's ModelPatcher does to the module it wraps (sets model.device)."""
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        model.device = offload_device  # fails on a module whose `device` is a read-only property
+
+
+def _fake_comfy(monkeypatch, load_models_gpu, vae_dtype):
+    mm = SimpleNamespace(
+        get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
+        vae_device=lambda: torch.device("cpu"), vae_offload_device=lambda: torch.device("cpu"),
+        text_encoder_device=lambda: torch.device("cpu"), text_encoder_offload_device=lambda: torch.device("cpu"),
+        load_models_gpu=load_models_gpu, vae_dtype=vae_dtype,
+    )
+    monkeypatch.setattr(bridge, "mm", mm)
+    monkeypatch.setattr(bridge, "comfy", SimpleNamespace(model_patcher=SimpleNamespace(ModelPatcher=_FakePatcher)), raising=False)
+
+
+def test_bridge_asks_for_a_full_load_only_where_comfyui_has_the_parameter(models, monkeypatch):
+    calls = []
+
+    def load_models_gpu_2024(models, memory_required=0):
+        calls.append(("2024", memory_required))
+
+    def load_models_gpu_current(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, force_full_load=False):
+        calls.append(("current", memory_required, force_full_load))
+
+    for load_models_gpu in (load_models_gpu_2024, load_models_gpu_current):
+        _fake_comfy(monkeypatch, load_models_gpu, vae_dtype=lambda: torch.float32)
+        vae = bridge.ManagedModel(models.vae.model, models.vae.model, bridge.VAE, torch.float32, torch.float32, "vae.safetensors")
+        dit = bridge.ManagedModel(models.dit.model, models.dit.model, bridge.DIT, torch.float32, torch.float32, "dit.safetensors")
+        assert vae.patcher.model.inner is models.vae.model  # wrapped: Flux2VAE.device is read-only
+        assert vae.load(123) is models.vae.model and dit.load(456) is models.dit.model
+    assert calls == [("2024", 123), ("2024", 456), ("current", 123, True), ("current", 456, False)]
+
+
+def test_bridge_vae_dtype_uses_the_signature_comfyui_has(monkeypatch):
+    _fake_comfy(monkeypatch, None, vae_dtype=lambda device=None, allowed_dtypes=[]: allowed_dtypes[0])
+    assert bridge.vae_dtype(torch.device("cpu")) == torch.bfloat16
+    _fake_comfy(monkeypatch, None, vae_dtype=lambda: torch.float16)
+    assert bridge.vae_dtype(torch.device("cpu")) == torch.float16
+
+
+# --------------------------------------------------------------------------------------
+# Example workflows: UI files (Browse Templates lists workflows/*.json) and their API twins
+# --------------------------------------------------------------------------------------
+
+# ComfyUI's own definitions of the built-in nodes the workflows use (the same in the 2024 tree and
+# 0.10, hidden inputs left out), so this test needs no ComfyUI; the ComfyUI test validates the API
+# files against the real ones.
+BUILTIN_INPUT_TYPES = {
+    "SaveImage": {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
+    "LoadImage": {"required": {"image": (["example.png"], {"image_upload": True})}},
+}
+FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # never sent to the server, so absent from API files
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+WORKFLOW_NAMES = ["aaa_text_to_image", "aaa_image_to_image"]
+
+
+def widget_slots(input_types: dict) -> list[tuple[str, str]]:
+    """(input name, what) in the order the frontend writes widgets_values (reference section 6).
+
+    Widgets follow INPUT_TYPES order, required then optional; only INT/FLOAT/STRING/BOOLEAN/COMBO
+    inputs get one. An INT named seed/noise_seed (or flagged control_after_generate) is followed by
+    its control value, and an image_upload COMBO by the upload widget's value.
+    """
+    slots = []
+    for section in ("required", "optional"):
+        for name, spec in input_types.get(section, {}).items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list) or kind in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN"):
+                slots.append((name, "value"))
+                if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
+                    slots.append((name, "control"))
+                if options.get("image_upload"):
+                    slots.append((name, "upload"))
+    return slots
+
+
+def input_types_of(class_type: str) -> dict:
+    return NODES[class_type].INPUT_TYPES() if class_type in NODES else BUILTIN_INPUT_TYPES[class_type]
+
+
+def test_workflow_folders_hold_only_ui_files_at_the_top():
+    """ComfyUI lists every workflows/*.json under Browse Templates: only UI-format files may sit there."""
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(WORKFLOW_NAMES)
+    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(WORKFLOW_NAMES)
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_ui_workflow_and_its_api_twin_agree(name):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    assert ui["version"] == 0.4 and "ds" in ui["extra"] and ui["groups"] == [] and isinstance(ui["config"], dict)
+    links = {link[0]: link for link in ui["links"]}
+    assert all(isinstance(link, list) and len(link) == 6 for link in ui["links"])
+    assert ui["last_node_id"] >= max(n["id"] for n in ui["nodes"]) and ui["last_link_id"] >= max(links)
+
+    server_nodes = [n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY_NODES]
+    assert sorted(str(n["id"]) for n in server_nodes) == sorted(api)
+    for n in server_nodes:
+        entry = api[str(n["id"])]
+        assert entry["class_type"] == n["type"]
+        assert n["properties"]["Node name for S&R"] == n["type"]
+        for key in ("pos", "size", "flags", "order", "mode", "inputs", "outputs", "widgets_values"):
+            assert key in n, (n["type"], key)
+        input_types = input_types_of(n["type"])
+        expected = {}
+        # Widgets: the frontend's order, control and upload values included.
+        slots = widget_slots(input_types)
+        assert len(n["widgets_values"]) == len(slots), (n["type"], n["widgets_values"], slots)
+        for (input_name, what), value in zip(slots, n["widgets_values"]):
+            if what == "control":
+                assert value in CONTROL_VALUES, (n["type"], value)
+            elif what == "upload":
+                assert value == "image"
+            else:
+                expected[input_name] = value
+                spec = input_types["required"][input_name]
+                if isinstance(spec[0], list):
+                    assert value in spec[0], (n["type"], input_name, value)
+        # Links: each socket input's link ends at this node and slot, and is an API link.
+        sockets = {name for name, spec in input_types["required"].items() if (name, "value") not in slots}
+        assert {i["name"] for i in n["inputs"]} == sockets
+        for slot, socket in enumerate(n["inputs"]):
+            link_id, origin, origin_slot, target, target_slot, link_type = links[socket["link"]]
+            assert (target, target_slot, link_type) == (n["id"], slot, socket["type"])
+            assert link_id in next(o for o in ui["nodes"] if o["id"] == origin)["outputs"][origin_slot]["links"]
+            expected[socket["name"]] = [str(origin), origin_slot]
+        assert entry["inputs"] == expected, n["type"]
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflows_use_the_official_files_and_reference_settings(name):
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    by_type = {}
+    for entry in api.values():
+        by_type.setdefault(entry["class_type"], []).append(entry["inputs"])
+    assert by_type["AAADiTLoader"][0]["dit_name"] == core_downloads.DIT.local_name
+    assert by_type["AAATextEncoderLoader"][0]["text_encoder_name"] == core_downloads.TEXT_ENCODER.local_name
+    assert by_type["AAAVAELoader"][0]["vae_name"] == core_downloads.VAE.local_name
+    sampler = by_type["AAASampler"][0]
+    assert (sampler["steps"], sampler["cfg"]) == (30, 10.0)
+    assert sorted(e["text"] for e in by_type["AAATextEncode"]) == [" ", "a green lizard pokemon with a plant bulb on its back"]
+    assert "SaveImage" in by_type
+    if name == "aaa_text_to_image":
+        assert by_type["AAAEmptyLatentImage"][0] == {"width": 256, "height": 256, "batch_size": 1} and sampler["denoise"] == 1.0
+    else:
+        assert by_type["LoadImage"][0] == {"image": "example.png"} and sampler["denoise"] < 1.0
