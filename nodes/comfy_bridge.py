@@ -167,6 +167,11 @@ class ManagedModel:
         self.compute_dtype = compute_dtype
         self.path = Path(path)
         self.load_device, self.offload_device = model_devices(kind)
+        size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        log.info(
+            "%s %s: %.0f MB of %s weights (computing in %s), runs on %s, offloaded to %s",
+            kind, self.path.name, size / 2**20, weight_dtype, compute_dtype, self.load_device, self.offload_device,
+        )
         self.patcher = None
         if mm is not None:
             holder = _PATCHER_MODULES[kind](module, weight_dtype, compute_dtype)
