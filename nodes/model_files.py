@@ -57,7 +57,9 @@ def fetch(source: downloads.ModelSource, target: Path) -> Path:
     ``downloads.download`` is atomic (nothing appears at ``target`` unless complete), so a cancelled
     worker only has to stop: its progress callback raises at the next chunk.
     """
-    _wait_for(_downloads.get(target))  # a cancelled download of the same file may still be cleaning up
+    _wait_for(_downloads.get(target))  # a cancelled download of the same file may still be winding down
+    if target.is_file():  # ... or may have finished after all
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     state = {"done": 0, "total": 0, "cancel": False}
 
@@ -79,11 +81,13 @@ def fetch(source: downloads.ModelSource, target: Path) -> Path:
     worker.start()
     bar = None
     try:
-        while worker.is_alive():
+        while True:
             worker.join(POLL_SECONDS)
             if state["total"]:
                 bar = bar or bridge.progress_bar(state["total"])
                 bar.update_absolute(state["done"], state["total"])
+            if not worker.is_alive():
+                break
             bridge.throw_if_interrupted()
     except BaseException:
         state["cancel"] = True

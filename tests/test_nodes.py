@@ -215,9 +215,9 @@ def test_missing_official_file_is_downloaded_into_the_first_folder_with_byte_pro
 
     def fake_download(source, target, progress):
         calls.append((source.repo_id, target))
-        for done in (len(weights) // 2, len(weights)):
-            progress(done, len(weights))
-            time.sleep(0.3)  # long enough for the waiting thread to report each step
+        progress(len(weights) // 2, len(weights))
+        time.sleep(0.3)  # long enough for the waiting thread to report it
+        progress(len(weights), len(weights))
         target.write_bytes(weights)
         return target
 
@@ -226,7 +226,7 @@ def test_missing_official_file_is_downloaded_into_the_first_folder_with_byte_pro
     (vae,) = node("AAAVAELoader")("flux2_vae.safetensors")
     assert calls == [("black-forest-labs/FLUX.2-klein-4B", first / "flux2_vae.safetensors")]
     assert vae.path == first / "flux2_vae.safetensors" and vae.model.latent_channels == 128
-    assert updates and updates[-1] == (len(weights), len(weights))
+    assert updates[0] == (len(weights) // 2, len(weights)) and updates[-1] == (len(weights), len(weights))
 
 
 def test_download_stops_when_cancel_is_pressed(tmp_path, monkeypatch):
