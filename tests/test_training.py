@@ -254,6 +254,18 @@ def test_module_entry_point_and_user_errors(models, tmp_path, caplog):
     assert "training data not found" in caplog.text
 
 
+def test_two_processes_share_encoding_and_save_one_state(models, dataset, tmp_path):
+    """DDP over gloo on the CPU: what `accelerate launch` sets up on GPUs, through the same code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
+               *argv(models, dataset, tmp_path / "ddp", "--max-steps", 3, "--batch-size", 2, "--device", "cpu")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = tmp_path / "ddp" / "states" / "step-000003"
+    assert (state / "rng-rank0.pt").is_file() and (state / "rng-rank1.pt").is_file()
+    assert load_dit(tmp_path / "ddp" / "checkpoints" / "ddp-step-000003.safetensors").config.dim == 64
+    assert "4 samples per step (2 x 1 accumulation x 2 processes)" in result.stderr
+
+
 # --------------------------------------------------------------------------------------
 # Pieces
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,10 @@ class BatchOrder:
         if epoch not in self._epochs:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epochs = {e: p for e, p in self._epochs.items() if e >= epoch - 1}  # keep at most two
-            self._epochs[epoch] = torch.randperm(self.num_samples, generator=generator).to(self.device)
+            permutation = torch.randperm(self.num_samples, generator=generator)  # on the CPU: the same order on any device
+            if self.device.type == "cuda":  # pinned + non_blocking: no GPU sync at every epoch boundary
+                permutation = permutation.pin_memory()
+            self._epochs[epoch] = permutation.to(self.device, non_blocking=True)
         return self._epochs[epoch]
 
     def indices(self, micro_step: int) -> torch.Tensor:

@@ -33,13 +33,14 @@ class StopRequest:
         log.warning("%s received: finishing this step, then saving a checkpoint and the training state "
                     "(Ctrl-C again to abort without saving)", signal.Signals(signum).name)
 
-    def __enter__(self) -> "StopRequest":
+    def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
+        """Puts the previous handlers back (the process may go on, as in tests or notebooks)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -81,6 +81,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if precision == "bf16" else "no")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if device.type == "cpu":
+        device = torch.device("cpu")  # several CPU processes get "cpu:0", which safetensors does not accept
     is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
     compute_dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     encoder_dtype = resolve_dtype(cfg.encoder_dtype, device)
@@ -94,13 +96,17 @@ def train(cfg: TrainConfig) -> TrainSummary:
         write_text_atomic(out / "config.toml", cfg.to_toml())
     log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
 
-    stop = StopRequest().__enter__()  # first Ctrl-C / SIGTERM: finish the step, save, exit
+    stop = StopRequest().install()  # first Ctrl-C / SIGTERM: finish the step, save, exit
     try:
         # ------------------------------------------------------------ data
         samples, skipped = find_samples(cfg.data)
         with accelerator.main_process_first():  # one download and one model-file hash, then the others reuse them
             vae_path = downloads.resolve_model_file(downloads.VAE, cfg.vae or None, cfg.model_dir or None)
             text_encoder_path = downloads.resolve_model_file(downloads.TEXT_ENCODER, cfg.text_encoder or None, cfg.model_dir or None)
+            init_path = None
+            if cfg.init_from:
+                source = None if cfg.init_from == "published" else cfg.init_from
+                init_path = downloads.resolve_model_file(downloads.DIT, source, cfg.model_dir or None)
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
         data, unreadable = encode_dataset(
@@ -127,10 +133,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         if state is not None:  # sizes from the state; the weights are loaded below
             model = AAADiT(AAADiTConfig(**json.loads(read_progress(state)["model_config"])))
         elif cfg.init_from:
-            source = None if cfg.init_from == "published" else cfg.init_from
-            path = downloads.resolve_model_file(downloads.DIT, source, cfg.model_dir or None)
-            model = load_dit(path, dtype=torch.float32).train().requires_grad_(True)
-            log.info("fine-tuning %s (sizes from the file: %s)", path, model.config)
+            model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
+            log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
         else:
             model = AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=latent_channels, text_dim=text_dim))
         if (model.config.latent_channels, model.config.text_dim) != (latent_channels, text_dim):
@@ -177,6 +181,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
         # ------------------------------------------------------------ loop
         schedule = TrainingSchedule.flux2()
+        # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
+        schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
         order = BatchOrder(len(data), cfg.batch_size, rank, world, cfg.seed, data.image_index.device)
         samples_per_step = cfg.batch_size * cfg.grad_accum * world
         total_steps = _total_steps(cfg, len(data), samples_per_step)
@@ -233,11 +239,12 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    _update_ema(ema, unwrapped, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                    update_ema(ema, unwrapped, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 step += 1
                 window_steps += 1
                 bar.update(1)
-                stopping = _any_process(accelerator, stop.requested)
+                # One process alone checks its flag every step; several agree at log steps (a collective syncs the GPU).
+                stopping = stop.requested if world == 1 else step % cfg.log_every == 0 and _any_process(accelerator, stop.requested)
 
                 if step % cfg.log_every == 0 or step == total_steps or stopping:
                     mean_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()  # also syncs the GPU for timing
@@ -292,7 +299,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         accelerator.end_training()
         return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped)
     finally:
-        stop.__exit__()
+        stop.restore()
         if log_file is not None:
             for name in ("training", "aaa_core"):
                 logging.getLogger(name).removeHandler(log_file)
@@ -305,7 +312,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
 
 @torch.no_grad()
-def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * weights``, on every parameter at once."""
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
