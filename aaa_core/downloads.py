@@ -70,8 +70,14 @@ def resolve_model_file(
 
 def download(source: ModelSource, target: Path, progress: DownloadProgress | None = None) -> Path:
     """Fetches ``source`` from ModelScope to ``target``, atomically: no partial file at ``target``."""
-    from modelscope.hub.snapshot_download import snapshot_download  # heavy import, only when needed
-
+    try:
+        from modelscope.hub.snapshot_download import snapshot_download  # heavy import, only when needed
+    except ImportError:  # ComfyUI's own requirements do not include modelscope
+        raise ModelFileError(
+            f"{source.label} not found at {target}, and downloading it needs the 'modelscope' package: run "
+            f"`pip install modelscope` (with ComfyUI's Python inside ComfyUI), or get '{source.repo_file}' "
+            f"from {source.url} and save it as {target}"
+        ) from None
     staging = target.parent / f".{target.name}.download"
     log.info("downloading %s from ModelScope %s (%s) to %s", source.label, source.repo_id, source.repo_file, target)
     kwargs = {}

@@ -95,12 +95,6 @@ def fetch(source: downloads.ModelSource, target: Path) -> Path:
         raise
     _downloads.pop(target, None)
     error = outcome.get("error")
-    if isinstance(error, ImportError):  # ComfyUI's own requirements do not include modelscope
-        raise ModelFileError(
-            f"{source.label} not found at {target}, and downloading it needs the 'modelscope' package ({error}): "
-            f"run `pip install modelscope` with ComfyUI's Python, or get '{source.repo_file}' from {source.url} "
-            f"and save it as {target}"
-        ) from None
     if error is not None:
         raise error
     return outcome["path"]

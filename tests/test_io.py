@@ -1,6 +1,7 @@
 """Checkpoint writes, image conversions and model-file resolution (downloads)."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -161,6 +162,16 @@ def test_download_is_atomic_and_reports_progress(tmp_path, monkeypatch):
     assert calls == [("black-forest-labs/FLUX.2-klein-4B", ["vae/diffusion_pytorch_model.safetensors"])]
     assert progress == [(3, 7), (7, 7)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flux2_vae.safetensors"]  # staging folder removed
+
+
+def test_download_without_modelscope_installed_says_how_to_fix_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "modelscope.hub.snapshot_download", None)  # makes the import fail
+    with pytest.raises(ModelFileError) as err:
+        downloads.resolve_model_file(downloads.VAE, model_dir=tmp_path)
+    message = str(err.value)
+    assert "pip install modelscope" in message and str(tmp_path / "flux2_vae.safetensors") in message
+    assert "https://modelscope.cn/models/black-forest-labs/FLUX.2-klein-4B/files" in message
+    assert "\n" not in message
 
 
 def test_offline_download_names_the_file_the_place_and_the_fix(tmp_path):

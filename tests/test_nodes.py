@@ -271,19 +271,6 @@ def test_offline_download_error_names_the_file_the_folder_and_the_url(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_without_modelscope_installed_says_how_to_fix_it(tmp_path, monkeypatch):
-    def no_modelscope(source, target, progress):
-        raise ModuleNotFoundError("No module named 'modelscope'")
-
-    monkeypatch.setattr(core_downloads, "download", no_modelscope)
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [tmp_path])
-    with pytest.raises(errors.ModelFileError) as excinfo:
-        node("AAAVAELoader")("flux2_vae.safetensors")
-    message = one_line_error(excinfo)
-    assert "pip install modelscope" in message and str(tmp_path / "flux2_vae.safetensors") in message
-    assert "https://modelscope.cn/models/black-forest-labs/FLUX.2-klein-4B/files" in message
-
-
 def test_file_not_in_the_folder_names_the_folder_and_the_expected_file(tmp_path, monkeypatch):
     monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "clip", [tmp_path])
     with pytest.raises(errors.ModelFileError) as excinfo:
