@@ -108,10 +108,12 @@ class PositionalEmbedding(nn.Module):
         self.image_emb = nn.Parameter(torch.randn(1, dim, height, width))
         self.text_emb = nn.Parameter(torch.randn(dim))
 
-    def forward(self, height: int, width: int, text_len: int, dtype: torch.dtype) -> torch.Tensor:
-        image = F.interpolate(self.image_emb.to(dtype), size=(height, width), mode="bilinear")
+    def forward(self, height: int, width: int, text_len: int, like: torch.Tensor) -> torch.Tensor:
+        # Moved as well as cast: in ComfyUI's low-VRAM mode these parameters may stay offloaded.
+        image = self.image_emb.to(device=like.device, dtype=like.dtype)
+        image = F.interpolate(image, size=(height, width), mode="bilinear")
         image = image.flatten(2).transpose(1, 2)  # (1, H*W, dim), row-major tokens
-        text = self.text_emb.to(dtype).expand(1, text_len, -1)
+        text = self.text_emb.to(device=like.device, dtype=like.dtype).expand(1, text_len, -1)
         return torch.cat([image, text], dim=1)  # (1, H*W + L, dim), shared by the batch
 
 
@@ -177,7 +179,7 @@ class AAADiT(nn.Module):
         dtype = latents.dtype
         prompt_embeds = prompt_embeds.to(dtype)
         timestep = timestep.reshape(-1).expand(batch)
-        pos = self.pos_embedder(height, width, prompt_embeds.shape[1], dtype)
+        pos = self.pos_embedder(height, width, prompt_embeds.shape[1], latents)
         t_emb = self.timestep_embedder(timestep, dtype)[:, None, :]  # (B, 1, dim): one per sample
         image = self.image_embedder(latents.flatten(2).transpose(1, 2))
         x = torch.cat([image, self.text_embedder(prompt_embeds)], dim=1)  # image tokens first
