@@ -1,7 +1,7 @@
 """Text-to-image and image-to-image generation with the three models, in plain PyTorch.
 
 This is what the CLI and the benchmarks run; the ComfyUI nodes call the same pieces
-(``encode_prompts``, ``sampling.sample``, ``decode_latents``) one node at a time.
+(``sampling.sample``, ``encode_images``, ``decode_latents``) one node at a time.
 """
 
 from __future__ import annotations
@@ -63,28 +63,28 @@ class GenerationSettings:
         return ", ".join(f"{k}: {v!r}" for k, v in dataclasses.asdict(self).items())
 
 
-def decode_latents(
-    vae: Flux2VAE, latents: torch.Tensor, callback: Callable[[int, int], None] | None = None
-) -> torch.Tensor:
-    """Decodes one sample at a time (bounded memory); ``callback(done, total)`` may raise to stop."""
-    images = []
-    for i, latent in enumerate(latents.split(1)):
-        images.append(vae.decode(latent.to(device=vae.device, dtype=vae.dtype)))
-        if callback is not None:
-            callback(i + 1, len(latents))
-    return torch.cat(images)
+ProgressCallback = Callable[[int, int], None]  # (done, total); may raise to stop
 
 
-def encode_images(
-    vae: Flux2VAE, images: torch.Tensor, callback: Callable[[int, int], None] | None = None
-) -> torch.Tensor:
-    """Encodes ``(B,3,H,W)`` images in [-1, 1] one at a time (bounded memory); ``callback(done, total)`` may raise to stop."""
-    latents = []
-    for i, image in enumerate(images.split(1)):
-        latents.append(vae.encode(image.to(device=vae.device, dtype=vae.dtype)))
+def _one_at_a_time(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, vae: Flux2VAE,
+                   callback: ProgressCallback | None) -> torch.Tensor:
+    """Applies a VAE method per sample: memory stays that of one image, and each one reports progress."""
+    outputs = []
+    for i, sample_ in enumerate(batch.split(1)):
+        outputs.append(fn(sample_.to(device=vae.device, dtype=vae.dtype)))
         if callback is not None:
-            callback(i + 1, len(images))
-    return torch.cat(latents)
+            callback(i + 1, len(batch))
+    return torch.cat(outputs)
+
+
+def decode_latents(vae: Flux2VAE, latents: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:
+    """Latents ``(B,128,h,w)`` -> images ``(B,3,16h,16w)`` in about [-1, 1], one sample at a time."""
+    return _one_at_a_time(vae.decode, latents, vae, callback)
+
+
+def encode_images(vae: Flux2VAE, images: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:
+    """Images ``(B,3,H,W)`` in [-1, 1] -> latents ``(B,128,H/16,W/16)``, one sample at a time."""
+    return _one_at_a_time(vae.encode, images, vae, callback)
 
 
 class AAAPipeline:
