@@ -42,7 +42,7 @@ IN_COMFYUI = mm is not None
 # Model kinds: each has its own load/offload devices in ComfyUI.
 DIT, VAE, TEXT_ENCODER = "dit", "vae", "text_encoder"
 
-# The DiT loader's weight_dtype choices; "auto" lets ComfyUI choose for the device.
+# The loaders' weight_dtype choices; "auto" lets ComfyUI choose for the device.
 WEIGHT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The published checkpoint was trained in bf16, so prefer it where the device supports it.
 DIT_SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -78,24 +78,31 @@ def intermediate_device() -> torch.device:
     return mm.intermediate_device() if mm is not None else torch.device("cpu")
 
 
+def chosen_dtype(choice: str) -> torch.dtype | None:
+    """A loader's ``weight_dtype`` widget value as a dtype; None for "auto"."""
+    if choice not in WEIGHT_DTYPES:
+        raise InputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {choice!r}")
+    return WEIGHT_DTYPES[choice]
+
+
 def dit_dtypes(choice: str, load_device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(weight dtype, compute dtype) for the DiT loader's ``weight_dtype`` choice.
 
     ComfyUI: "auto" is ``unet_dtype`` for the device; weights the device cannot compute in (bf16
     on a CPU, say) are cast per layer to ``unet_manual_cast``'s dtype by ``comfy.ops.manual_cast``.
     """
-    if choice not in WEIGHT_DTYPES:
-        raise InputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {choice!r}")
     if mm is None:
-        dtype = WEIGHT_DTYPES[choice] or core_devices.resolve_dtype("auto", load_device)
+        dtype = chosen_dtype(choice) or core_devices.resolve_dtype("auto", load_device)
         return dtype, dtype
-    weight = WEIGHT_DTYPES[choice] or mm.unet_dtype(device=load_device, supported_dtypes=DIT_SUPPORTED_DTYPES)
+    weight = chosen_dtype(choice) or mm.unet_dtype(device=load_device, supported_dtypes=DIT_SUPPORTED_DTYPES)
     compute = mm.unet_manual_cast(weight, load_device, DIT_SUPPORTED_DTYPES)
     return weight, compute or weight
 
 
-def vae_dtype(load_device: torch.device) -> torch.dtype:
-    """The VAE's dtype: ComfyUI's choice for the FLUX.2 VAE on this device."""
+def vae_dtype(choice: str, load_device: torch.device) -> torch.dtype:
+    """The VAE's dtype: the loader's choice, else ComfyUI's choice for the FLUX.2 VAE on this device."""
+    if chosen_dtype(choice) is not None:
+        return chosen_dtype(choice)
     if mm is None:
         return core_devices.resolve_dtype("auto", load_device)
     if "allowed_dtypes" in inspect.signature(mm.vae_dtype).parameters:
@@ -103,12 +110,15 @@ def vae_dtype(load_device: torch.device) -> torch.dtype:
     return mm.vae_dtype()  # 2024: one global choice (bf16 on Ampere and newer, else fp32)
 
 
-def text_encoder_dtype(load_device: torch.device) -> torch.dtype:
-    """bf16 where ComfyUI says the device supports it (the dtype the DiT's conditioning was made in), else fp32.
+def text_encoder_dtype(choice: str, load_device: torch.device) -> torch.dtype:
+    """The loader's choice, else bf16 where ComfyUI says the device supports it (the dtype the DiT's
+    conditioning was made in), else fp32.
 
     Not ``mm.text_encoder_dtype``: it answers fp16 everywhere, and Qwen3's activations are not
     safe in fp16.
     """
+    if chosen_dtype(choice) is not None:
+        return chosen_dtype(choice)
     if mm is None:
         return core_devices.resolve_dtype("auto", load_device)
     return torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32

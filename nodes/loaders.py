@@ -22,6 +22,10 @@ def _file_tooltip(kind: str) -> str:
     )
 
 
+def _dtype_widget(auto: str) -> tuple:
+    return (list(bridge.WEIGHT_DTYPES), {"default": "auto", "tooltip": f"Precision of the weights in memory; auto {auto}."})
+
+
 class AAADiTLoader:
     CATEGORY = "AAADiT/loaders"
     DESCRIPTION = "Loads an AAADiT diffusion model (models/unet or models/diffusion_models) for the AAA Sampler."
@@ -35,10 +39,7 @@ class AAADiTLoader:
         return {
             "required": {
                 "dit_name": (model_files.choices("dit"), {"tooltip": _file_tooltip("dit")}),
-                "weight_dtype": (
-                    list(bridge.WEIGHT_DTYPES),
-                    {"default": "auto", "tooltip": "Precision of the weights in memory; auto follows ComfyUI's choice for your GPU (bf16 where supported, fp32 on the CPU)."},
-                ),
+                "weight_dtype": _dtype_widget("follows ComfyUI's choice for your GPU (bf16 where supported, fp32 on the CPU)"),
             }
         }
 
@@ -63,14 +64,19 @@ class AAATextEncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"text_encoder_name": (model_files.choices("text_encoder"), {"tooltip": _file_tooltip("text_encoder")})}}
+        return {
+            "required": {
+                "text_encoder_name": (model_files.choices("text_encoder"), {"tooltip": _file_tooltip("text_encoder")}),
+                "weight_dtype": _dtype_widget("is bf16 where your GPU supports it, else fp32 (Qwen3 is not safe in fp16)"),
+            }
+        }
 
-    def load(self, text_encoder_name: str):
+    def load(self, text_encoder_name: str, weight_dtype: str):
         from ..aaa_core.text_encoder import load_text_encoder  # imports transformers: only when a node runs
 
         path = model_files.resolve("text_encoder", text_encoder_name)
         load_device, offload_device = bridge.model_devices(bridge.TEXT_ENCODER)
-        dtype = bridge.text_encoder_dtype(load_device)
+        dtype = bridge.text_encoder_dtype(weight_dtype, load_device)
         encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
         return (bridge.ManagedModel(encoder, encoder.model, bridge.TEXT_ENCODER, dtype, dtype, path),)
 
@@ -85,11 +91,16 @@ class AAAVAELoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (model_files.choices("vae"), {"tooltip": _file_tooltip("vae")})}}
+        return {
+            "required": {
+                "vae_name": (model_files.choices("vae"), {"tooltip": _file_tooltip("vae")}),
+                "weight_dtype": _dtype_widget("follows ComfyUI's choice for the FLUX.2 VAE on your GPU (bf16 or fp32)"),
+            }
+        }
 
-    def load(self, vae_name: str):
+    def load(self, vae_name: str, weight_dtype: str):
         path = model_files.resolve("vae", vae_name)
         load_device, offload_device = bridge.model_devices(bridge.VAE)
-        dtype = bridge.vae_dtype(load_device)
+        dtype = bridge.vae_dtype(weight_dtype, load_device)
         vae = load_vae(path, dtype=dtype, device=offload_device)
         return (bridge.ManagedModel(vae, vae, bridge.VAE, dtype, dtype, path),)

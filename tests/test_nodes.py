@@ -80,8 +80,8 @@ def models(models_root):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bridge, "FALLBACK_MODEL_DIRS", {name: [models_root / name] for name in ("unet", "vae", "clip")})
         (dit,) = node("AAADiTLoader")("aaa_tiny.safetensors", "auto")
-        (text_encoder,) = node("AAATextEncoderLoader")("qwen3_tiny.safetensors")
-        (vae,) = node("AAAVAELoader")("flux2_tiny.safetensors")
+        (text_encoder,) = node("AAATextEncoderLoader")("qwen3_tiny.safetensors", "auto")
+        (vae,) = node("AAAVAELoader")("flux2_tiny.safetensors", "auto")
     return SimpleNamespace(dit=dit, text_encoder=text_encoder, vae=vae)
 
 
@@ -189,7 +189,7 @@ def test_official_file_on_disk_is_listed_once(models_root, tmp_path, monkeypatch
     (tmp_path / "flux2_vae.safetensors").write_bytes((models_root / "vae" / "flux2_tiny.safetensors").read_bytes())
     monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [tmp_path])
     assert NODES["AAAVAELoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["flux2_vae.safetensors"]
-    (vae,) = node("AAAVAELoader")("flux2_vae.safetensors")
+    (vae,) = node("AAAVAELoader")("flux2_vae.safetensors", "auto")
     assert vae.path == tmp_path / "flux2_vae.safetensors"
 
 
@@ -202,9 +202,15 @@ def test_loaders_return_managed_models_in_fp32_on_the_cpu(models):
     assert models.dit.load() is models.dit.model
 
 
-def test_dit_weight_dtype_choice_is_applied(models_root):
+def test_weight_dtype_choice_is_applied_by_every_loader(models_root):
     (dit,) = node("AAADiTLoader")("aaa_tiny.safetensors", "bf16")
     assert dit.weight_dtype == dit.compute_dtype == torch.bfloat16 and dit.model.dtype == torch.bfloat16
+    (text_encoder,) = node("AAATextEncoderLoader")("qwen3_tiny.safetensors", "fp16")
+    assert text_encoder.weight_dtype == torch.float16 and text_encoder.model.dtype == torch.float16
+    (vae,) = node("AAAVAELoader")("flux2_tiny.safetensors", "bf16")
+    assert vae.weight_dtype == torch.bfloat16 and vae.model.dtype == torch.bfloat16
+    with pytest.raises(errors.InputError, match="weight_dtype must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        node("AAAVAELoader")("flux2_tiny.safetensors", "fp8")
 
 
 def test_missing_official_file_is_downloaded_into_the_first_folder_with_byte_progress(models_root, tmp_path, monkeypatch):
@@ -223,7 +229,7 @@ def test_missing_official_file_is_downloaded_into_the_first_folder_with_byte_pro
 
     monkeypatch.setattr(core_downloads, "download", fake_download)
     updates = record_progress(monkeypatch)
-    (vae,) = node("AAAVAELoader")("flux2_vae.safetensors")
+    (vae,) = node("AAAVAELoader")("flux2_vae.safetensors", "auto")
     assert calls == [("black-forest-labs/FLUX.2-klein-4B", first / "flux2_vae.safetensors")]
     assert vae.path == first / "flux2_vae.safetensors" and vae.model.latent_channels == 128
     assert updates[0] == (len(weights) // 2, len(weights)) and updates[-1] == (len(weights), len(weights))
@@ -274,7 +280,7 @@ def test_offline_download_error_names_the_file_the_folder_and_the_url(tmp_path, 
 def test_file_not_in_the_folder_names_the_folder_and_the_expected_file(tmp_path, monkeypatch):
     monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "clip", [tmp_path])
     with pytest.raises(errors.ModelFileError) as excinfo:
-        node("AAATextEncoderLoader")("someone_elses_te.safetensors")
+        node("AAATextEncoderLoader")("someone_elses_te.safetensors", "auto")
     message = one_line_error(excinfo)
     assert "'someone_elses_te.safetensors' is not in the 'clip' model folder" in message and str(tmp_path) in message
     assert "Qwen3-0.6B" in message and "qwen3_0.6b.safetensors" in message
@@ -294,7 +300,7 @@ def test_missing_tokenizer_is_a_one_line_error(models_root, tmp_path, monkeypatc
     text_encoder._packaged_tokenizer.cache_clear()
     try:
         with pytest.raises(errors.ModelFileError) as excinfo:
-            node("AAATextEncoderLoader")("qwen3_tiny.safetensors")
+            node("AAATextEncoderLoader")("qwen3_tiny.safetensors", "auto")
     finally:
         text_encoder._packaged_tokenizer.cache_clear()
     assert f"{tmp_path}: tokenizer files cannot be loaded" in one_line_error(excinfo)
@@ -537,9 +543,10 @@ def test_bridge_asks_for_a_full_load_only_where_comfyui_has_the_parameter(models
 
 def test_bridge_vae_dtype_uses_the_signature_comfyui_has(monkeypatch):
     _fake_comfy(monkeypatch, None, vae_dtype=lambda device=None, allowed_dtypes=[]: allowed_dtypes[0])
-    assert bridge.vae_dtype(torch.device("cpu")) == torch.bfloat16
+    assert bridge.vae_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert bridge.vae_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice wins
     _fake_comfy(monkeypatch, None, vae_dtype=lambda: torch.float16)
-    assert bridge.vae_dtype(torch.device("cpu")) == torch.float16
+    assert bridge.vae_dtype("auto", torch.device("cpu")) == torch.float16
 
 
 # --------------------------------------------------------------------------------------
