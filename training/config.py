@@ -88,7 +88,7 @@ class TrainConfig:
     device: str = option("auto", "auto (what accelerate picks: the process's GPU, else CPU) or cpu", RUN, choices=["auto", "cpu"])
 
     # --- checkpoints ----------------------------------------------------------------------
-    save_every: int = option(1000, "write a checkpoint and a training state every this many steps (and always at the end)", SAVE)
+    save_every: int = option(1000, "write a checkpoint and a training state every this many steps (0: only at the end and on Ctrl-C)", SAVE)
     save_dtype: str = option("bf16", "dtype of the ComfyUI-loadable checkpoint (bf16 like the published file, or fp32)", SAVE, choices=["bf16", "fp32"])
     keep_states: int = option(2, "full training states to keep (the newest ones); checkpoints are all kept", SAVE)
     resume: str = option("", "continue from the newest training state in OUTPUT_DIR/states ('--resume' alone), "
@@ -120,6 +120,7 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"),
             (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
+            (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{name.replace('_', '-')}", *kwargs.pop("aliases", [])]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = meta["help"]
-        if "default" not in help_text and default not in ("", []):
+        if "(default" not in help_text and default not in ("", []):
             help_text += f" (default: {default!r})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         kwargs.update(dest=name, default=argparse.SUPPRESS, help=help_text)

@@ -109,8 +109,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 init_path = downloads.resolve_model_file(downloads.DIT, source, cfg.model_dir or None)
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
-        data, unreadable = encode_dataset(
-            samples, prompts + [cfg.negative_prompt], cache, vae_path, text_encoder_path, device,
+        data, unreadable = encode_dataset(  # the sample prompts are cached too: sampling never loads Qwen3
+            samples, prompts + [cfg.negative_prompt] if cfg.sample_every else [], cache, vae_path, text_encoder_path, device,
             cfg.encode_batch_size, rank, world, barrier, stop,
         )
         skipped += unreadable
@@ -191,16 +191,16 @@ def train(cfg: TrainConfig) -> TrainSummary:
         run_name = out.resolve().name
         tensorboard = TensorBoard(out / "tensorboard", cfg.tensorboard and is_main)
         vae = None  # decoder for the samples, loaded at the first sample grid
-        prompt_embeds = torch.stack([data.extra_prompts[p] for p in prompts])
         if is_main and cfg.sample_every:
+            prompt_embeds = torch.stack([data.extra_prompts[p] for p in prompts])
             write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed)
 
         def save(step: int) -> tuple[Path | None, Path]:
             checkpoint = None
             if is_main:
-                weights = (ema or unwrapped).state_dict()
+                weights = (ema if ema is not None else unwrapped).state_dict()
                 checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
-                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema else "raw", SAVE_DTYPES[cfg.save_dtype])
+                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema is not None else "raw", SAVE_DTYPES[cfg.save_dtype])
             progress = {
                 "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
                 "data_fingerprint": data.fingerprint, "world_size": world,
@@ -270,8 +270,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps) and not stopping:
                     if is_main:
-                        vae = vae or load_vae(vae_path, dtype=encoder_dtype, device=device)
-                        grid = render_grid(ema or unwrapped, vae, prompt_embeds, data.extra_prompts[cfg.negative_prompt],
+                        if vae is None:
+                            vae = load_vae(vae_path, dtype=encoder_dtype, device=device)
+                        grid = render_grid(ema if ema is not None else unwrapped, vae, prompt_embeds, data.extra_prompts[cfg.negative_prompt],
                                            cfg.resolution, cfg.sample_steps, cfg.sample_cfg, cfg.sample_seed,
                                            accelerator.autocast, stop)
                         if grid is not None:
@@ -281,7 +282,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     barrier()
                     window_start, window_steps = time.perf_counter(), 0
 
-                if step % cfg.save_every == 0 or step == total_steps or stopping:
+                if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopping:
                     checkpoint, state_dir = save(step)
                     last_saved = step
                     window_start, window_steps = time.perf_counter(), 0
