@@ -140,6 +140,16 @@ def check_state_dict_matches(
             )
 
 
+def adopt_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike[str]"
+) -> torch.nn.Module:
+    """Loads ``state_dict`` strictly into ``model`` built on the meta device: the tensors are
+    adopted, not copied (one copy of the weights in memory). Returns it frozen, in eval mode."""
+    check_state_dict_matches(model, state_dict, path)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
 @contextlib.contextmanager
 def atomic_output(path: "str | os.PathLike[str]") -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renames it over ``path`` only on success.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import AAADIT, check_state_dict_matches, load_checkpoint
+from .checkpoint import AAADIT, adopt_state_dict, load_checkpoint
 from .errors import ModelFileError
 
 CONFIG_METADATA_KEY = "aaa_dit_config"
@@ -218,9 +218,7 @@ def dit_from_state_dict(
         raise ModelFileError(f"{source}: not a complete AAADiT checkpoint ({err})") from None
     with torch.device("meta"):
         model = AAADiT(config, operations)
-    check_state_dict_matches(model, state_dict, source)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return adopt_state_dict(model, state_dict, source)
 
 
 def load_dit(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
-from .checkpoint import QWEN3, check_state_dict_matches, load_checkpoint
+from .checkpoint import QWEN3, adopt_state_dict, load_checkpoint
 from .errors import InputError, ModelFileError
 
 logger = logging.getLogger(__name__)
@@ -278,9 +278,7 @@ def load_text_encoder(
     state_dict, _ = load_checkpoint(weights, QWEN3, dtype=dtype, device=device)
     state_dict = _to_model_keys(state_dict)
     _check_sizes(state_dict, config, config_file, weights)
-    model = build_empty_model(config)
-    check_state_dict_matches(model, state_dict, weights)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model = adopt_state_dict(build_empty_model(config), state_dict, weights)
 
     # RoPE's inv_freq is a non-persistent buffer: not in the file, so still on the meta device.
     # Rebuild it on the device, then cast it to the weights' dtype as the reference's final
@@ -291,7 +289,6 @@ def load_text_encoder(
     model.rotary_emb = rotary.to(model.embed_tokens.weight.dtype)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise RuntimeError("Qwen3Model still has tensors on the meta device after loading")
-    model.eval().requires_grad_(False)
 
     if len(tokenizer) > config.vocab_size:
         raise ModelFileError(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import FLUX2_VAE, check_state_dict_matches, load_checkpoint
+from .checkpoint import FLUX2_VAE, adopt_state_dict, load_checkpoint
 from .errors import InputError, ModelFileError
 
 GROUP_NORM_EPS = 1e-6  # every GroupNorm in the encoder and decoder (section 6)
@@ -350,9 +350,7 @@ def vae_from_state_dict(
         raise ModelFileError(f"{source}: not a complete FLUX.2 VAE checkpoint ({err})") from None
     with torch.device("meta"):
         model = Flux2VAE(config)
-    check_state_dict_matches(model, state_dict, source)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return adopt_state_dict(model, state_dict, source)
 
 
 def load_vae(

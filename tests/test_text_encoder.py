@@ -29,20 +29,10 @@ from aaa_core.text_encoder import (
     load_text_encoder,
     load_tokenizer,
 )
+from tiny_models import TINY_TEXT_ENCODER
 
-TINY = dict(
-    vocab_size=151936,  # the real vocabulary, so every id of the real tokenizer is valid
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rope_theta=1_000_000,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
+# The shared tiny Qwen3 (real vocabulary, so every id of the real tokenizer is valid), wider here.
+TINY = dict(TINY_TEXT_ENCODER, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 PROMPTS = ["a red dragon pokemon, white background", "  Pikachu 电气鼠 ⚡ <think> 123\tend\n"]
 IM_START = 151644
 

@@ -142,11 +142,10 @@ def test_matches_diffusers_plus_pipeline_normalisation():
         assert_close(decoded, ref)
 
 
-def test_matches_diffsynth_flux2_vae():
+def diffsynth_twin(ours: Flux2VAE):
+    """The reference implementation's VAE (DiffSynth's Flux2VAE) with our tiny model's weights."""
     from diffsynth.models.flux2_vae import Flux2VAE as DiffSynthVAE
 
-    torch.manual_seed(0)
-    ours = tiny_vae(seed=3)
     ref = DiffSynthVAE(
         block_out_channels=TINY.block_out_channels,
         layers_per_block=TINY.layers_per_block,
@@ -154,6 +153,13 @@ def test_matches_diffsynth_flux2_vae():
         num_groups=TINY.norm_num_groups,
     ).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
+    return ref
+
+
+def test_matches_diffsynth_flux2_vae():
+    torch.manual_seed(0)
+    ours = tiny_vae(seed=3)
+    ref = diffsynth_twin(ours)
     x = images(batch=1, height=48, width=32, seed=4)
     z = torch.randn(1, 32, 2, 4)
     with torch.no_grad():
@@ -164,17 +170,9 @@ def test_matches_diffsynth_flux2_vae():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_diffsynth_and_stays_near_float32(dtype):
-    from diffsynth.models.flux2_vae import Flux2VAE as DiffSynthVAE
-
     torch.manual_seed(0)
     ours = tiny_vae(seed=5)
-    ref = DiffSynthVAE(
-        block_out_channels=TINY.block_out_channels,
-        layers_per_block=TINY.layers_per_block,
-        latent_channels=TINY.latent_channels,
-        num_groups=TINY.norm_num_groups,
-    ).eval()
-    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref = diffsynth_twin(ours)
     x = images(batch=1, seed=6)
     with torch.no_grad():
         full = ours.encode(x)
