@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-from transformers import Qwen3Model
 
 from aaa_core.devices import resolve_device, resolve_dtype
 from aaa_core.dit import AAADiT

@@ -1,7 +1,7 @@
 """Training throughput at 256x256 for the full-size AAADiT: our trainer's step against the reference's.
 
-    python benchmarks/train_throughput.py                                   # CPU: batch 4, 3 timed steps
-    python benchmarks/train_throughput.py --device cuda --batch-size 32 --steps 20 --warmup 5
+    python -m benchmarks.train_throughput                                   # CPU: batch 4, 3 timed steps
+    python -m benchmarks.train_throughput --device cuda --batch-size 32 --steps 20 --warmup 5
 
 Ours: the trainer's own step on cached inputs (``training.loss`` on stored latents and prompt
 embeddings, a real batch with one timestep per sample, bf16 autocast with float32 master weights
@@ -36,9 +36,6 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import torch
 import torch.nn.functional as F

@@ -1,9 +1,7 @@
 """The ComfyUI nodes called directly, without ComfyUI: the bridge's plain-torch fallback, tiny model files.
 
-The pack is imported the way ComfyUI imports it, as a package (here named ``aaa_pack``) whose
-modules reach ``aaa_core`` with relative imports; a plain ``import nodes`` would not work. Its copy
-of ``aaa_core`` is therefore ``aaa_pack.aaa_core`` (its own error classes), while the reference
-results come from the top-level ``aaa_core`` the CLI uses: same code, separately loaded models.
+The pack is imported as ComfyUI imports it (``pack_import``); the reference results come from the
+top-level ``aaa_core`` the CLI uses: same code, separately loaded models.
 """
 
 from __future__ import annotations
@@ -23,35 +21,16 @@ import torch
 
 from aaa_core.dit import load_dit
 from aaa_core.sampling import make_noise, sample
+from pack_import import NODES, PACK_NAME, import_pack, node, pack_module
 from tiny_models import save_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "workflows"
-PACK_NAME = "aaa_pack"
-
-
-def import_pack():
-    """Imports the repository root as the package ComfyUI sees (relative imports and all)."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 pack = import_pack()
-bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
-model_files = sys.modules[f"{PACK_NAME}.nodes.model_files"]
-errors = sys.modules[f"{PACK_NAME}.aaa_core.errors"]
-core_downloads = sys.modules[f"{PACK_NAME}.aaa_core.downloads"]
-NODES = pack.NODE_CLASS_MAPPINGS
-
-
-def node(node_id: str):
-    cls = NODES[node_id]
-    return getattr(cls(), cls.FUNCTION)
+bridge = pack_module("nodes.comfy_bridge")
+model_files = pack_module("nodes.model_files")
+errors = pack_module("aaa_core.errors")
+core_downloads = pack_module("aaa_core.downloads")
 
 
 # --------------------------------------------------------------------------------------
@@ -547,111 +526,3 @@ def test_bridge_vae_dtype_uses_the_signature_comfyui_has(monkeypatch):
     assert bridge.vae_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice wins
     _fake_comfy(monkeypatch, None, vae_dtype=lambda: torch.float16)
     assert bridge.vae_dtype("auto", torch.device("cpu")) == torch.float16
-
-
-# --------------------------------------------------------------------------------------
-# Example workflows: UI files (Browse Templates lists workflows/*.json) and their API twins
-# --------------------------------------------------------------------------------------
-
-# ComfyUI's own definitions of the built-in nodes the workflows use (the same in the 2024 tree and
-# 0.10, hidden inputs left out), so this test needs no ComfyUI; the ComfyUI test validates the API
-# files against the real ones.
-BUILTIN_INPUT_TYPES = {
-    "SaveImage": {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
-    "LoadImage": {"required": {"image": (["example.png"], {"image_upload": True})}},
-}
-FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # never sent to the server, so absent from API files
-CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-WORKFLOW_NAMES = ["aaa_text_to_image", "aaa_image_to_image"]
-
-
-def widget_slots(input_types: dict) -> list[tuple[str, str]]:
-    """(input name, what) in the order the frontend writes widgets_values (reference section 6).
-
-    Widgets follow INPUT_TYPES order, required then optional; only INT/FLOAT/STRING/BOOLEAN/COMBO
-    inputs get one. An INT named seed/noise_seed (or flagged control_after_generate) is followed by
-    its control value, and an image_upload COMBO by the upload widget's value.
-    """
-    slots = []
-    for section in ("required", "optional"):
-        for name, spec in input_types.get(section, {}).items():
-            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-            if isinstance(kind, list) or kind in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN"):
-                slots.append((name, "value"))
-                if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
-                    slots.append((name, "control"))
-                if options.get("image_upload"):
-                    slots.append((name, "upload"))
-    return slots
-
-
-def input_types_of(class_type: str) -> dict:
-    return NODES[class_type].INPUT_TYPES() if class_type in NODES else BUILTIN_INPUT_TYPES[class_type]
-
-
-def test_workflow_folders_hold_only_ui_files_at_the_top():
-    """ComfyUI lists every workflows/*.json under Browse Templates: only UI-format files may sit there."""
-    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(WORKFLOW_NAMES)
-    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(WORKFLOW_NAMES)
-
-
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_ui_workflow_and_its_api_twin_agree(name):
-    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
-    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    assert ui["version"] == 0.4 and "ds" in ui["extra"] and ui["groups"] == [] and isinstance(ui["config"], dict)
-    links = {link[0]: link for link in ui["links"]}
-    assert all(isinstance(link, list) and len(link) == 6 for link in ui["links"])
-    assert ui["last_node_id"] >= max(n["id"] for n in ui["nodes"]) and ui["last_link_id"] >= max(links)
-
-    server_nodes = [n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY_NODES]
-    assert sorted(str(n["id"]) for n in server_nodes) == sorted(api)
-    for n in server_nodes:
-        entry = api[str(n["id"])]
-        assert entry["class_type"] == n["type"]
-        assert n["properties"]["Node name for S&R"] == n["type"]
-        for key in ("pos", "size", "flags", "order", "mode", "inputs", "outputs", "widgets_values"):
-            assert key in n, (n["type"], key)
-        input_types = input_types_of(n["type"])
-        expected = {}
-        # Widgets: the frontend's order, control and upload values included.
-        slots = widget_slots(input_types)
-        assert len(n["widgets_values"]) == len(slots), (n["type"], n["widgets_values"], slots)
-        for (input_name, what), value in zip(slots, n["widgets_values"]):
-            if what == "control":
-                assert value in CONTROL_VALUES, (n["type"], value)
-            elif what == "upload":
-                assert value == "image"
-            else:
-                expected[input_name] = value
-                spec = input_types["required"][input_name]
-                if isinstance(spec[0], list):
-                    assert value in spec[0], (n["type"], input_name, value)
-        # Links: each socket input's link ends at this node and slot, and is an API link.
-        sockets = {name for name, spec in input_types["required"].items() if (name, "value") not in slots}
-        assert {i["name"] for i in n["inputs"]} == sockets
-        for slot, socket in enumerate(n["inputs"]):
-            link_id, origin, origin_slot, target, target_slot, link_type = links[socket["link"]]
-            assert (target, target_slot, link_type) == (n["id"], slot, socket["type"])
-            assert link_id in next(o for o in ui["nodes"] if o["id"] == origin)["outputs"][origin_slot]["links"]
-            expected[socket["name"]] = [str(origin), origin_slot]
-        assert entry["inputs"] == expected, n["type"]
-
-
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_workflows_use_the_official_files_and_reference_settings(name):
-    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    by_type = {}
-    for entry in api.values():
-        by_type.setdefault(entry["class_type"], []).append(entry["inputs"])
-    assert by_type["AAADiTLoader"][0]["dit_name"] == core_downloads.DIT.local_name
-    assert by_type["AAATextEncoderLoader"][0]["text_encoder_name"] == core_downloads.TEXT_ENCODER.local_name
-    assert by_type["AAAVAELoader"][0]["vae_name"] == core_downloads.VAE.local_name
-    sampler = by_type["AAASampler"][0]
-    assert (sampler["steps"], sampler["cfg"]) == (30, 10.0)
-    assert sorted(e["text"] for e in by_type["AAATextEncode"]) == [" ", "a green lizard pokemon with a plant bulb on its back"]
-    assert "SaveImage" in by_type
-    if name == "aaa_text_to_image":
-        assert by_type["AAAEmptyLatentImage"][0] == {"width": 256, "height": 256, "batch_size": 1} and sampler["denoise"] == 1.0
-    else:
-        assert by_type["LoadImage"][0] == {"image": "example.png"} and sampler["denoise"] < 1.0
