@@ -18,6 +18,7 @@ time the reference DiT itself; otherwise our numerically identical AAADiT stands
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import resource
 import subprocess
@@ -93,7 +94,8 @@ def reference_runner(pipe: AAAPipeline, settings: GenerationSettings, script: st
     helper = BasePipeline(device=device, torch_dtype=dtype)
     vae = ReferenceVAE().to(device=device, dtype=dtype).eval()
     vae.load_state_dict(pipe.vae.state_dict())
-    dit = pipe.dit
+    dit = copy.copy(pipe.dit)  # same weights; does all the work the tutorial's DiT does
+    dit.last_block_image_only = False
     if script:
         spec = importlib.util.spec_from_file_location("reference_tutorial", script)
         module = importlib.util.module_from_spec(spec)

@@ -105,6 +105,7 @@ def reference(args: argparse.Namespace, device: torch.device):
         text_encoder = Qwen3TextEncoder(Qwen3Model(load_config()).to(dtype).eval().requires_grad_(False), load_tokenizer())
         vae = Flux2VAE().to(dtype).eval().requires_grad_(False)
         model = AAADiT().to(dtype)
+        model.last_block_image_only = False  # the tutorial's DiT does all the work
         pixels = torch.rand(1, 3, RESOLUTION, RESOLUTION, dtype=dtype) * 2 - 1  # the DataLoader's workers make these
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.01)
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer)

@@ -56,7 +56,22 @@ def test_full_size_state_dict_is_the_published_key_set():
 def test_flops_estimate_matches_reference_table():
     with torch.device("meta"):
         model = AAADiT()
+    model.last_block_image_only = False  # all the work the reference does
     assert model.flops_per_forward(256, 128) / 1e9 == pytest.approx(87.0, abs=0.05)  # section 4.4
+    model.last_block_image_only = True  # ours: the last block skips 128 text tokens' q, out, MLP and queries
+    skipped = 2 * 128 * (2 + 6) * 1024**2 + 4 * 128 * 384 * 1024
+    assert model.flops_per_forward(256, 128) == pytest.approx(87.0e9 - skipped, abs=0.05e9)
+
+
+def test_skipping_the_last_blocks_text_work_changes_nothing():
+    torch.manual_seed(0)
+    model = AAADiT(TINY_DIT).eval()
+    latents, prompt, t = torch.randn(2, 128, 4, 6), torch.randn(2, 20, TINY_DIT.text_dim), torch.tensor([900.0, 30.0])
+    with torch.no_grad():
+        pruned = model(latents, prompt, t)
+        model.last_block_image_only = False
+        full = model(latents, prompt, t)
+    torch.testing.assert_close(pruned, full, atol=1e-6, rtol=1e-6)
 
 
 def test_published_layout_file_loads_strictly_with_inferred_config(tmp_path):
