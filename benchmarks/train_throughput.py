@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import logging
 import multiprocessing
 import resource
@@ -227,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [args.only] if args.only else ["ours", "reference"]
     if "reference" in names:
-        try:
-            import diffsynth  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("diffsynth") is None:
             log.warning("diffsynth is not installed: measuring ours only (pip install diffsynth==2.1.12)")
             names.remove("reference")
     results = {name: run_variant(name, args) for name in names}
