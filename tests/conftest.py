@@ -1,0 +1,53 @@
+"""Fixtures for the node tests: tiny model files in ComfyUI's folder layout and the three models
+loaded once through the loader nodes. Node test modules opt in with
+``pytestmark = pytest.mark.usefixtures("fallback_folders")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tiny_models import save_tiny_models
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_models(root)
+    return root
+
+
+@pytest.fixture
+def fallback_folders(models_root, monkeypatch):
+    """Points the fallback's folder lookup at the tiny models, and leaves no hook or Cancel behind."""
+    from node_helpers import bridge, model_dirs
+
+    monkeypatch.setattr(bridge, "FALLBACK_MODEL_DIRS", model_dirs(models_root))
+    monkeypatch.setattr(bridge, "progress_hook", None)
+    yield
+    monkeypatch.setattr(bridge, "_interrupt_requested", False)
+
+
+@pytest.fixture(scope="module")
+def models(models_root):
+    from node_helpers import bridge, model_dirs
+    from pack_import import node
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bridge, "FALLBACK_MODEL_DIRS", model_dirs(models_root))
+        (dit,) = node("AAADiTLoader")("aaa_tiny.safetensors", "auto")
+        (text_encoder,) = node("AAATextEncoderLoader")("qwen3_tiny.safetensors", "auto")
+        (vae,) = node("AAAVAELoader")("flux2_tiny.safetensors", "auto")
+    return SimpleNamespace(dit=dit, text_encoder=text_encoder, vae=vae)
+
+
+@pytest.fixture(scope="module")
+def prompts(models):
+    from pack_import import node
+
+    (positive,) = node("AAATextEncode")(models.text_encoder, "a green lizard pokemon with a plant bulb on its back")
+    (negative,) = node("AAATextEncode")(models.text_encoder, " ")
+    return positive, negative
