@@ -250,7 +250,7 @@ def cache_dir_for(output_dir: Path, cache_dir: str) -> Path:
     return Path(cache_dir).expanduser() if cache_dir else output_dir / "cache"
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def encoder_dtype_for(name: str, device: torch.device) -> torch.dtype:
     """Encoder / cache dtype: the reference runs both encoders in bf16 on GPU; fp32 is faster on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -44,7 +44,7 @@ from aaa_core.scheduler import TrainingSchedule
 from aaa_core.vae import load_vae
 
 from .batches import BatchOrder
-from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, resolve_dtype
+from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, encoder_dtype_for
 from .checkpoints import SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, write_text_atomic
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
@@ -85,7 +85,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         device = torch.device("cpu")  # several CPU processes get "cpu:0", which safetensors does not accept
     is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
     compute_dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
-    encoder_dtype = resolve_dtype(cfg.encoder_dtype, device)
+    encoder_dtype = encoder_dtype_for(cfg.encoder_dtype, device)
     if use_cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
 
