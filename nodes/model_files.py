@@ -84,7 +84,7 @@ def fetch(source: downloads.ModelSource, target: Path) -> Path:
         while True:
             worker.join(POLL_SECONDS)
             if state["total"]:
-                bar = bar or bridge.progress_bar(state["total"])
+                bar = bar or bridge.progress_bar(state["total"], f"download {target.name}", "B")
                 bar.update_absolute(state["done"], state["total"])
             if not worker.is_alive():
                 break

@@ -84,7 +84,7 @@ class AAASampler:
 
 def _step_callback(steps: int, device: torch.device):
     """Per step: stop if Cancel was pressed, tick the progress bar, send a latent preview if ComfyUI makes them."""
-    bar = bridge.progress_bar(steps)
+    bar = bridge.progress_bar(steps, "AAA Sampler", "step")
     previewer = bridge.latent_previewer(device)
 
     def on_step(done: int, total: int, x0: torch.Tensor) -> None:
