@@ -91,6 +91,15 @@ def execute(prompt: dict, interrupt_after_progress: int | None = None) -> dict:
     return {"kind": "execute", "prompt": prompt, "interrupt_after_progress": interrupt_after_progress}
 
 
+def templates(pack_dir: str | Path, folder_name: str, files: list[str]) -> dict:
+    """An action: what ComfyUI's template routes list and serve for the pack in `custom_nodes/<folder_name>`.
+
+    Result: {supported: False} on a ComfyUI without the routes (the 2024 tree), else
+    {supported: True, listing: GET /workflow_templates, served: {file: {status, content_type, bytes}}}.
+    """
+    return {"kind": "templates", "pack_dir": str(Path(pack_dir).resolve()), "folder_name": folder_name, "files": files}
+
+
 def run_in_comfyui(
     pack_dir: str | Path,
     actions: list[dict],
@@ -115,7 +124,8 @@ def run_in_comfyui(
         validate: {valid, error, node_errors, outputs} as returned by `validate_prompt`;
         execute:  {status: "success"|"error"|"interrupted", error, validation, outputs (the UI
                    outputs /history shows, by node id), files (new files under output_dir,
-                   relative), progress [{value, total, preview}], messages [[event, data]]}.
+                   relative), progress [{value, total, preview}], messages [[event, data]]};
+        templates: see `templates`.
     Raises HarnessError if the subprocess crashes or runs longer than `timeout` seconds.
     """
     root = Path(comfyui_root) if comfyui_root is not None else find_comfyui_root()
