@@ -54,9 +54,9 @@ def _boot_comfyui(root: Path) -> SimpleNamespace:
 
     args.cpu = True
     if (root / "app" / "custom_node_manager.py").is_file():
-        # The template routes (2025 on), imported before the built-in nodes as main.py imports
-        # server.py first: a built-in node module later puts comfy/ on sys.path, and its utils.py
-        # would then shadow the top-level utils package this module needs.
+        # The template routes (2025 on), imported before nodes.py as main.py imports server.py
+        # first: nodes.py puts comfy/ first on sys.path, and comfy/utils.py would then shadow
+        # the top-level utils package this module needs.
         import app.custom_node_manager  # noqa: F401
 
     import comfy.model_management
