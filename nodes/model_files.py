@@ -19,7 +19,7 @@ from . import comfy_bridge as bridge
 log = logging.getLogger(__name__)
 
 # Model kind -> ComfyUI folder type. The legacy names exist in the 2024 tree, and current ComfyUI
-# maps them to diffusion_models / text_encoders (reference section 3).
+# maps them to diffusion_models / text_encoders (docs/comfyui.md section 3).
 FOLDERS = {"dit": "unet", "vae": "vae", "text_encoder": "clip"}
 POLL_SECONDS = 0.25  # how often a download reports progress and checks Cancel
 

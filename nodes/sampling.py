@@ -1,6 +1,6 @@
 """The AAADiT sampler node: Euler flow-matching with classifier-free guidance, text-to-image or image-to-image.
 
-A self-contained sampler (``../shared/reference/comfyui.md`` section 5): it takes its own AAA_DIT
+A self-contained sampler (``docs/comfyui.md`` section 5): it takes its own AAA_DIT
 model rather than a native MODEL, and runs ``aaa_core.sampling.sample`` with seeded noise from
 ``aaa_core.sampling.make_noise``, so for the same seed it gives exactly what the CLI gives.
 """

@@ -49,7 +49,7 @@ def _boot_comfyui(root: Path) -> SimpleNamespace:
     sys.path.insert(0, str(root))
 
     # The CUDA build of torch fails without a driver unless ComfyUI picks the CPU before
-    # comfy.model_management is first imported (reference section 2, "Testing gotcha").
+    # comfy.model_management is first imported (docs/comfyui.md section 2, "Testing gotcha").
     from comfy.cli_args import args
 
     args.cpu = True

