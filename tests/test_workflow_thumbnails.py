@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageStat
 
 from comfyui_harness import comfyui_test_marks, find_comfyui_root, run_in_comfyui, templates
-from tools.workflow_thumbnails import SIZE, TITLE_HEIGHT, digest
+from tools.workflow_thumbnails import SIZE, TITLE_HEIGHT, digest, write_thumbnails
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))  # what the template browser lists
@@ -28,7 +28,19 @@ def test_every_ui_workflow_has_a_current_jpeg_thumbnail(workflow: Path) -> None:
         assert image.info.get("comment", b"").decode() == digest(workflow), (
             f"{thumbnail.name} was drawn from another version of {workflow.name}: run python tools/workflow_thumbnails.py"
         )
-        assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # a drawing, not a blank card
+        assert min(ImageStat.Stat(image).stddev) > 10  # a drawing, not a blank card (0 for one colour)
+
+
+def test_thumbnail_script_draws_any_workflow_dropped_in_the_folder(tmp_path: Path) -> None:
+    """A new workflow with native and unknown nodes gets its picture by rerunning the script."""
+    workflow = json.loads(UI_WORKFLOWS[0].read_text())
+    workflow["nodes"][0]["type"] = "SomeOtherPackNode"
+    workflow["nodes"][0]["widgets_values"] = {"named": "widgets"}
+    (tmp_path / "new_graph.json").write_text(json.dumps(workflow))
+    (written,) = write_thumbnails(tmp_path)
+    assert written == tmp_path / "new_graph.jpg"
+    with Image.open(written) as image:
+        assert image.size == SIZE and image.info["comment"].decode() == digest(tmp_path / "new_graph.json")
 
 
 def box(node: dict) -> tuple[float, float, float, float]:
