@@ -11,7 +11,6 @@ import logging
 import sys
 from pathlib import Path
 
-from PIL import PngImagePlugin
 from tqdm import tqdm
 
 from .checkpoint import atomic_output
@@ -57,6 +56,7 @@ def output_paths(output: Path, batch_size: int) -> list[Path]:
 def generate(args: argparse.Namespace) -> list[Path]:
     """Validates everything cheap first, then loads the models, samples and writes the PNGs."""
     from .pipeline import AAAPipeline, GenerationSettings  # torch-heavy imports after argument parsing
+    from .png_metadata import png_info, provenance
 
     denoise = args.denoise if args.denoise is not None else (0.6 if args.image else 1.0)
     settings = GenerationSettings(
@@ -69,11 +69,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, args.device, args.dtype, args.model_dir)
     with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
         images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", settings.as_text())
-    for path, picture in zip(paths, images):
+    made = provenance(args.dit, args.text_encoder, args.vae, pipe.dtype, args.image)
+    for index, (path, picture) in enumerate(zip(paths, images)):
         with atomic_output(path) as tmp:
-            picture.save(tmp, format="PNG", pnginfo=info)
+            picture.save(tmp, format="PNG", pnginfo=png_info(settings, index, made))
         log.info("wrote %s", path)
     return paths
 

@@ -1,7 +1,7 @@
 """AAADiT: the ~0.13B text-to-image diffusion transformer on FLUX.2 latents.
 
 The architecture and every state-dict key follow DiffSynth-Studio's "train from scratch"
-tutorial (``../shared/reference/diffsynth-aaa.md`` section 4), so its published
+tutorial (``docs/diffsynth-aaa.md`` section 4), so its published
 ``step-600000.safetensors`` loads strictly. Unlike the reference, the forward pass takes one
 timestep per sample, so batched classifier-free guidance and batched training work.
 """

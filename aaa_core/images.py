@@ -1,7 +1,7 @@
 """Image conversions between PIL, the VAE's [-1, 1] tensors and ComfyUI's IMAGE tensors.
 
 The PIL <-> tensor rules follow the reference pipeline (section 8 of
-``../shared/reference/diffsynth-aaa.md``): cast to the compute dtype before scaling, and
+``docs/diffsynth-aaa.md``): cast to the compute dtype before scaling, and
 truncate (not round) to uint8 on the way out, so our images match its pixels.
 """
 

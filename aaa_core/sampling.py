@@ -1,6 +1,6 @@
 """Seeded noise and the Euler flow-matching sampler with batched classifier-free guidance.
 
-Numerics follow the reference pipeline (``../shared/reference/diffsynth-aaa.md`` section 8):
+Numerics follow the reference pipeline (``docs/diffsynth-aaa.md`` section 8):
 noise drawn on a seeded CPU generator directly in the compute dtype, sigmas in float32, the
 DiT fed ``1000 * sigma`` cast to the compute dtype, ``uncond + cfg * (cond - uncond)``, and
 Euler steps ``x + v * (sigma_next - sigma)``. The difference: the conditional and

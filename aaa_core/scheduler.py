@@ -1,6 +1,6 @@
 """The "FLUX.2" flow-matching schedule: inference sigmas and the training grid with its loss weights.
 
-Formulas and constants come from ``../shared/reference/diffsynth-aaa.md`` section 2. Sigma is
+Formulas and constants come from ``docs/diffsynth-aaa.md`` section 2. Sigma is
 the noise level (1 = pure noise); the DiT sees ``timestep = 1000 * sigma``.
 """
 

@@ -1,6 +1,6 @@
 """Qwen3-0.6B text encoder: prompts to the (B, 128, 1024) embeddings AAADiT is conditioned on.
 
-Follows the reference prompt path exactly (``../shared/reference/diffsynth-aaa.md`` section 7):
+Follows the reference prompt path exactly (``docs/diffsynth-aaa.md`` section 7):
 the Qwen3 chat template with thinking disabled, 128 tokens padded on the right with
 ``<|endoftext|>`` (or truncated), the attention mask passed to ``transformers.Qwen3Model``, and
 the last hidden state after the final norm kept at all 128 positions, pads included.

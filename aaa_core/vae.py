@@ -1,7 +1,7 @@
 """The FLUX.2 VAE: images in [-1, 1] <-> normalised 128-channel latents at 1/16 resolution.
 
 A plain-PyTorch re-implementation of diffusers' ``AutoencoderKLFlux2`` with DiffSynth-Studio's
-``Flux2VAE`` behaviour folded in (``../shared/reference/diffsynth-aaa.md`` section 6): ``encode``
+``Flux2VAE`` behaviour folded in (``docs/diffsynth-aaa.md`` section 6): ``encode``
 returns the posterior *mean* (no sampling), 2x2-patchified and normalised with the checkpoint's
 BatchNorm running statistics; ``decode`` inverts that. Module names follow the diffusers file, so
 ``black-forest-labs/FLUX.2-klein-4B``'s ``vae/diffusion_pytorch_model.safetensors`` (251 tensors)

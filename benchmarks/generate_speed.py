@@ -10,7 +10,7 @@ Each side runs in its own process, so the CPU's peak-RSS figures do not mix.
 
 The reference run uses diffsynth's own scheduler, VAE and attention, encodes the two prompts
 separately and calls the DiT twice per step at batch 1, exactly as its pipeline does
-(``../shared/reference/diffsynth-aaa.md`` section 8). Its DiT class lives in the tutorial
+(``docs/diffsynth-aaa.md`` section 8). Its DiT class lives in the tutorial
 script, not in the package: pass that file with ``--reference-script train_from_scratch.py`` to
 time the reference DiT itself; otherwise our numerically identical AAADiT stands in for it.
 """

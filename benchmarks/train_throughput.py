@@ -7,7 +7,7 @@ Ours: the trainer's own step on cached inputs (``training.loss`` on stored laten
 embeddings, a real batch with one timestep per sample, bf16 autocast with float32 master weights
 on GPU / float32 on CPU, AdamW, the EMA update).
 
-Reference: DiffSynth-Studio's tutorial step (``../shared/reference/diffsynth-aaa.md`` sections 1,
+Reference: DiffSynth-Studio's tutorial step (``docs/diffsynth-aaa.md`` sections 1,
 3 and 10) at batch 1: a Qwen3-0.6B forward on the 128-token prompt, a VAE encode at 256x256, the
 DiT forward/backward with ``FlowMatchScheduler`` noise and weights, AdamW and ConstantLR, all
 in pure bf16 on GPU (float32 on CPU, like ours there; ``--cpu-bf16`` runs both in bf16 there

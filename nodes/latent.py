@@ -107,7 +107,7 @@ class AAAVAEDecode:
         latents = latent_samples(samples, "samples")
         height, width = latents.shape[-2] * DOWNSCALE, latents.shape[-1] * DOWNSCALE
         model = vae.load(DECODE_BYTES_PER_PIXEL * height * width * vae.weight_dtype.itemsize)
-        decoded = decode_latents(model, latents, _progress(len(latents)))
+        decoded = decode_latents(model, latents, _progress(len(latents), "AAA VAE Decode"))
         pixels = images.vae_to_comfy(decoded).to(bridge.intermediate_device()).contiguous()
         return (pixels,)
 
@@ -142,13 +142,13 @@ class AAAVAEEncode:
                 pixels.shape[2], pixels.shape[1], cropped.shape[2], cropped.shape[1], factor,
             )
         model = vae.load(ENCODE_BYTES_PER_PIXEL * cropped.shape[1] * cropped.shape[2] * vae.weight_dtype.itemsize)
-        latents = encode_images(model, images.comfy_to_vae(cropped), _progress(len(cropped)))
+        latents = encode_images(model, images.comfy_to_vae(cropped), _progress(len(cropped), "AAA VAE Encode"))
         return ({"samples": latents.to(device=bridge.intermediate_device(), dtype=torch.float32)},)
 
 
-def _progress(total: int):
+def _progress(total: int, label: str):
     """A per-image callback for the core's decode/encode loops: ticks the bar, stops on Cancel."""
-    bar = bridge.progress_bar(total)
+    bar = bridge.progress_bar(total, label, "image")
 
     def on_image(done: int, total: int) -> None:
         bridge.throw_if_interrupted()

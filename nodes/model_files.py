@@ -19,7 +19,7 @@ from . import comfy_bridge as bridge
 log = logging.getLogger(__name__)
 
 # Model kind -> ComfyUI folder type. The legacy names exist in the 2024 tree, and current ComfyUI
-# maps them to diffusion_models / text_encoders (reference section 3).
+# maps them to diffusion_models / text_encoders (docs/comfyui.md section 3).
 FOLDERS = {"dit": "unet", "vae": "vae", "text_encoder": "clip"}
 POLL_SECONDS = 0.25  # how often a download reports progress and checks Cancel
 
@@ -84,7 +84,7 @@ def fetch(source: downloads.ModelSource, target: Path) -> Path:
         while True:
             worker.join(POLL_SECONDS)
             if state["total"]:
-                bar = bar or bridge.progress_bar(state["total"])
+                bar = bar or bridge.progress_bar(state["total"], f"download {target.name}", "B")
                 bar.update_absolute(state["done"], state["total"])
             if not worker.is_alive():
                 break

@@ -1,6 +1,6 @@
 """The AAADiT sampler node: Euler flow-matching with classifier-free guidance, text-to-image or image-to-image.
 
-A self-contained sampler (``../shared/reference/comfyui.md`` section 5): it takes its own AAA_DIT
+A self-contained sampler (``docs/comfyui.md`` section 5): it takes its own AAA_DIT
 model rather than a native MODEL, and runs ``aaa_core.sampling.sample`` with seeded noise from
 ``aaa_core.sampling.make_noise``, so for the same seed it gives exactly what the CLI gives.
 """
@@ -84,7 +84,7 @@ class AAASampler:
 
 def _step_callback(steps: int, device: torch.device):
     """Per step: stop if Cancel was pressed, tick the progress bar, send a latent preview if ComfyUI makes them."""
-    bar = bridge.progress_bar(steps)
+    bar = bridge.progress_bar(steps, "AAA Sampler", "step")
     previewer = bridge.latent_previewer(device)
 
     def on_step(done: int, total: int, x0: torch.Tensor) -> None:

@@ -49,10 +49,15 @@ def _boot_comfyui(root: Path) -> SimpleNamespace:
     sys.path.insert(0, str(root))
 
     # The CUDA build of torch fails without a driver unless ComfyUI picks the CPU before
-    # comfy.model_management is first imported (reference section 2, "Testing gotcha").
+    # comfy.model_management is first imported (docs/comfyui.md section 2, "Testing gotcha").
     from comfy.cli_args import args
 
     args.cpu = True
+    if (root / "app" / "custom_node_manager.py").is_file():
+        # The template routes (2025 on), imported before nodes.py as main.py imports server.py
+        # first: nodes.py puts comfy/ first on sys.path, and comfy/utils.py would then shadow
+        # the top-level utils package this module needs.
+        import app.custom_node_manager  # noqa: F401
 
     import comfy.model_management
     import comfy.utils
@@ -288,6 +293,44 @@ def _execute(comfy: SimpleNamespace, server: _Server, hook: _ProgressHook, actio
     }
 
 
+def _templates(root: Path, action: dict, work_dir: Path) -> dict[str, Any]:
+    """Ask ComfyUI's template routes what they list and serve for the pack, as the frontend does.
+
+    The routes (``app/custom_node_manager.py``, 2025 on; the 2024 tree has none) are mounted on a
+    bare aiohttp app the way ``server.py`` mounts them, with the pack linked into a
+    ``custom_nodes`` folder under ``action["folder_name"]``; then ``GET /workflow_templates`` and
+    each ``GET /api/workflow_templates/<folder>/<file>`` of ``action["files"]``.
+    """
+    if not (root / "app" / "custom_node_manager.py").is_file():
+        return {"supported": False}
+    import folder_paths
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from app.custom_node_manager import CustomNodeManager
+
+    custom_nodes = work_dir / "custom_nodes"
+    link = custom_nodes / action["folder_name"]
+    custom_nodes.mkdir(exist_ok=True)
+    if not link.exists():
+        link.symlink_to(action["pack_dir"], target_is_directory=True)
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
+
+    async def ask() -> dict[str, Any]:
+        app, routes = web.Application(), web.RouteTableDef()
+        CustomNodeManager().add_routes(routes, app, [(action["folder_name"], str(link))])
+        app.add_routes(routes)
+        async with TestClient(TestServer(app)) as client:
+            listing = await (await client.get("/workflow_templates")).json()
+            served = {}
+            for name in action["files"]:
+                response = await client.get(f"/api/workflow_templates/{action['folder_name']}/{name}")
+                body = await response.read()
+                served[name] = {"status": response.status, "content_type": response.content_type, "bytes": len(body)}
+        return {"supported": True, "listing": listing, "served": served}
+
+    return asyncio.run(ask())
+
+
 def _child_main(request_path: Path, result_path: Path) -> None:
     """Boot ComfyUI, load the pack, run the actions, write the JSON result."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -307,6 +350,8 @@ def _child_main(request_path: Path, result_path: Path) -> None:
         started = time.perf_counter()
         if action["kind"] == "validate":
             outcome = _validate(comfy, action["prompt"], str(uuid.uuid4()))
+        elif action["kind"] == "templates":
+            outcome = _templates(Path(request["comfyui_root"]), action, output_dir.parent)
         else:
             outcome = _execute(comfy, server, hook, action, output_dir)
         results.append({"kind": action["kind"], "seconds": time.perf_counter() - started, **outcome})

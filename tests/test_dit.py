@@ -12,7 +12,7 @@ from tiny_models import TINY_DIT, save_tiny_dit
 
 
 def reference_key_shapes(dim=1024, depth=10, latent=128, text=1024):
-    """The 156 keys of step-600000.safetensors, written out from section 4.2 of the reference."""
+    """The 156 keys of step-600000.safetensors, written out from docs/diffsynth-aaa.md section 4.2."""
     keys = {
         "pos_embedder.image_emb": (1, dim, 16, 16),
         "pos_embedder.text_emb": (dim,),

@@ -174,15 +174,17 @@ def test_cfg_1_needs_no_negative_pass_and_denoise_0_returns_the_input(models, pr
     assert torch.equal(unchanged["samples"], result["samples"]) and unchanged["samples"] is not result["samples"]
 
 
-def test_sampler_ticks_progress_once_per_step(models, prompts, monkeypatch):
+def test_sampler_ticks_progress_once_per_step_and_prints_a_console_line(models, prompts, monkeypatch, capsys):
     positive, negative = prompts
     (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
     updates = record_progress(monkeypatch)
     node("AAASampler")(models.dit, positive, negative, latent, seed=0, steps=4, cfg=10.0, denoise=1.0)
     assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    console = capsys.readouterr().err
+    assert "AAA Sampler: 100%" in console and "4/4" in console and "step/s" in console
 
 
-def test_cancel_stops_sampling_within_one_step(models, prompts, monkeypatch):
+def test_cancel_stops_sampling_within_one_step(models, prompts, monkeypatch, capsys):
     positive, negative = prompts
     (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
     updates = record_progress(monkeypatch, interrupt_after=2)
@@ -196,6 +198,7 @@ def test_cancel_stops_sampling_within_one_step(models, prompts, monkeypatch):
         hook.remove()
     assert updates == [(1, 20), (2, 20)]
     assert len(forwards) == 3  # the step during which Cancel was pressed, then nothing more
+    assert "2/20" in capsys.readouterr().err  # the console line stops where Cancel did
 
 
 @pytest.mark.parametrize(
@@ -233,13 +236,14 @@ def test_bad_conditioning_is_a_one_line_error(models, prompts):
 # --------------------------------------------------------------------------------------
 
 
-def test_decode_gives_float32_images_in_0_1_one_tick_per_image(models, monkeypatch):
+def test_decode_gives_float32_images_in_0_1_one_tick_per_image(models, monkeypatch, capsys):
     latents = {"samples": torch.randn(3, 128, 3, 4, generator=torch.Generator().manual_seed(0))}
     updates = record_progress(monkeypatch)
     (images,) = node("AAAVAEDecode")(latents, models.vae)
     assert images.shape == (3, 48, 64, 3) and images.dtype == torch.float32 and images.device.type == "cpu"
     assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
     assert updates == [(1, 3), (2, 3), (3, 3)]
+    assert "AAA VAE Decode: 100%" in capsys.readouterr().err
 
 
 def test_cancel_stops_decoding_within_one_image(models, monkeypatch):

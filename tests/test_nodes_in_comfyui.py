@@ -170,3 +170,9 @@ def test_native_latent_from_batch_works_on_our_latents(run: dict) -> None:
     outcome = action(run, "latent_from_batch")
     assert outcome["status"] == "success", outcome["error"]
     assert saved_image_size(run, outcome) == (WIDTH, HEIGHT)
+
+
+def test_console_shows_a_progress_line_for_sampling_and_decoding(run: dict) -> None:
+    """Like native KSampler's tqdm line: ComfyUI's console is not silent while our loops run."""
+    assert "AAA Sampler: 100%" in run["log"] and f"{STEPS}/{STEPS}" in run["log"]
+    assert "AAA VAE Decode: 100%" in run["log"] and "AAA VAE Encode: 100%" in run["log"]

@@ -10,7 +10,7 @@ from tiny_models import TINY_DIT
 
 
 def reference_sample(dit, noise, positive, negative, steps, cfg, denoise=1.0, init_latents=None):
-    """The reference pipeline's loop (section 8): batch 1, two separate passes per step."""
+    """The reference pipeline's loop (docs/diffsynth-aaa.md section 8): batch 1, two separate passes per step."""
     from diffsynth.diffusion import FlowMatchScheduler
 
     scheduler = FlowMatchScheduler("FLUX.2")

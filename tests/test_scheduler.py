@@ -1,11 +1,12 @@
-"""The FLUX.2 schedule against the reference values (section 2) and the reference scheduler itself."""
+"""The FLUX.2 schedule against the reference values (docs/diffsynth-aaa.md section 2) and the
+reference scheduler itself."""
 
 import pytest
 import torch
 
 from aaa_core.scheduler import TrainingSchedule, empirical_mu, flux2_sigmas, sigmas_to_timesteps
 
-# Section 2.1 of ../shared/reference/diffsynth-aaa.md: 256x256 (L=256), 30 steps.
+# Section 2.1 of docs/diffsynth-aaa.md: 256x256 (L=256), 30 steps.
 REFERENCE_256_30 = [
     1.0, 0.99417, 0.98799, 0.98145, 0.97449, 0.96709, 0.95920, 0.95077, 0.94174, 0.93204,
     0.92160, 0.91033, 0.89813, 0.88487, 0.87042, 0.85460, 0.83721, 0.81801, 0.79668, 0.77287,

@@ -102,7 +102,7 @@ def encoder(repo_dir) -> Qwen3TextEncoder:
 
 
 def _reference_embeddings(model: Qwen3Model, input_ids, attention_mask) -> torch.Tensor:
-    """What diffsynth's ZImageTextEncoder returns and the prompt embedder keeps (section 7)."""
+    """What diffsynth's ZImageTextEncoder returns and the prompt embedder keeps (docs/diffsynth-aaa.md section 7)."""
     with torch.no_grad():
         out = model(input_ids, attention_mask, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1]

@@ -91,7 +91,8 @@ def run(*args, **kwargs):
 
 @pytest.mark.parametrize("reference_timesteps", [False, True])
 def test_batched_loss_equals_reference_per_sample_formula(reference_timesteps):
-    """One batch, one timestep per sample == the reference's batch-1 loss, sample by sample (section 3)."""
+    """One batch, one timestep per sample == the reference's batch-1 loss, sample by sample
+    (docs/diffsynth-aaa.md section 3)."""
     from diffsynth.diffusion import FlowMatchScheduler
 
     reference = FlowMatchScheduler("FLUX.2")

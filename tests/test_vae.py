@@ -78,7 +78,7 @@ def test_default_keys_and_shapes_match_the_diffusers_file_format():
     assert list(ours) == list(theirs)  # same keys, in the file's order
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     assert ours["bn.num_batches_tracked"].dtype == torch.int64
-    # Parameter count from section 6 of the reference notes.
+    # Parameter count from docs/diffsynth-aaa.md section 6.
     assert sum(v.numel() for k, v in ours.items() if not k.startswith("bn.")) == 84_046_115
 
 

@@ -27,7 +27,7 @@ WORKFLOW_NAMES = ["aaa_text_to_image", "aaa_image_to_image"]
 
 
 def widget_slots(input_types: dict) -> list[tuple[str, str]]:
-    """(input name, what) in the order the frontend writes widgets_values (reference section 6).
+    """(input name, what) in the order the frontend writes widgets_values (docs/comfyui.md section 6).
 
     Widgets follow INPUT_TYPES order, required then optional; only INT/FLOAT/STRING/BOOLEAN/COMBO
     inputs get one. An INT named seed/noise_seed (or flagged control_after_generate) is followed by

@@ -1,7 +1,7 @@
 """What a run writes to disk: ComfyUI-loadable weights and complete, atomic training states.
 
 - ``checkpoints/<run>-step-NNNNNN.safetensors``: exactly ``AAADiT.state_dict()``'s keys (the
-  published file's, section 4.2 of diffsynth-aaa.md), in ``save_dtype``, with the model config,
+  published file's, section 4.2 of docs/diffsynth-aaa.md), in ``save_dtype``, with the model config,
   the step and which weights (``ema`` or ``raw``) in the metadata. With EMA on it holds the EMA
   weights, the ones to sample with; the raw weights stay in the training states.
 - ``states/step-NNNNNN/``: everything a resumed run needs to continue bit for bit: raw and EMA

@@ -36,7 +36,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The whole recipe. Defaults: the reference recipe (section 10 of diffsynth-aaa.md) with real batches."""
+    """The whole recipe. Defaults: the reference recipe (section 10 of docs/diffsynth-aaa.md) with real batches."""
 
     # --- data -----------------------------------------------------------------------------
     data: str = option("", "training images: a folder with metadata.csv (columns image, prompt), a .csv file, "

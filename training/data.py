@@ -1,6 +1,6 @@
 """Finding the training pairs: a metadata CSV (reference layout) or a folder of images with .txt captions.
 
-Layouts understood (``../shared/reference/diffsynth-aaa.md`` sections 9 and 12):
+Layouts understood (``docs/diffsynth-aaa.md`` sections 9 and 12):
 
 - ``folder/metadata.csv`` with columns ``image`` and ``prompt``, image paths relative to the CSV's
   folder or to its ``images/`` subfolder; ``--data`` may name the folder or the CSV itself.

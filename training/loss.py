@@ -1,6 +1,6 @@
 """The reference's flow-matching loss, on real batches with one timestep per sample.
 
-Per sample (``../shared/reference/diffsynth-aaa.md`` sections 2.3-2.5 and 3): a grid index i drawn
+Per sample (``docs/diffsynth-aaa.md`` sections 2.3-2.5 and 3): a grid index i drawn
 uniformly from the 1000-entry FLUX.2 training grid (mu 0.8), ``x_t = (1 - sigma_i) x0 + sigma_i eps``,
 the DiT predicts the velocity at timestep ``1000 sigma_i``, the target is ``eps - x0``, and the
 loss is the mean squared error times the grid's Gaussian weight ``w_i``. The batch loss is the

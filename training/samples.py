@@ -1,7 +1,7 @@
 """Validation images: fixed prompts and seeds rendered during training, so a user sees the model learn.
 
 Sampling is ``aaa_core.sampling.sample`` (the reference's Euler sampler with CFG, section 8 of
-diffsynth-aaa.md) followed by a VAE decode; prompt ``i`` always uses noise seed ``seed + i``.
+docs/diffsynth-aaa.md) followed by a VAE decode; prompt ``i`` always uses noise seed ``seed + i``.
 The prompt embeddings come from the cache, so the text encoder is never loaded for this.
 """
 
