@@ -4,6 +4,11 @@ Importing it loads no model and touches no network; the nodes live in ``nodes/``
 PyTorch library they call in ``aaa_core/``.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+# ComfyUI imports this folder as a package. pytest also imports this file, as the package of the
+# test folder, and when the checkout's folder name is not a Python identifier
+# (``custom_nodes/aaa-dit``) it does so with no parent package, where a relative import fails. The
+# tests import the pack the way ComfyUI does (``tests/pack_import.py``), so nothing is lost.
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
