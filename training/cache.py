@@ -34,8 +34,8 @@ from .data import Sample, Skipped, load_image
 
 log = logging.getLogger(__name__)
 
-# Bump when load_image's pixels change (compositing, resize, crop), to invalidate old latents.
-PREPROCESS_VERSION = "open_rgb-white+resize_cover-bilinear+centre-crop/1"
+# Bump when load_image's pixels change (file decoding, resize, crop), to invalidate old latents.
+PREPROCESS_VERSION = "open_rgb-alpha-dropped-high-bit-scaled+resize_cover-bilinear+centre-crop/2"
 
 
 @dataclasses.dataclass

@@ -128,9 +128,9 @@ def _from_caption_files(folder: Path) -> tuple[list[Sample], list[Skipped]]:
 
 
 def load_image(path: Path, resolution: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(3, R, R)`` pixels in [-1, 1]: transparency on white, resized to cover, centre-cropped.
+    """``(3, R, R)`` pixels in [-1, 1]: read as ComfyUI's Load Image does, resized to cover, centre-cropped.
 
-    Raises ``InputError`` naming the file if it is not a readable image.
+    Raises ``InputError`` naming the file if it is not a readable image (or too large to open).
     """
     image = resize_cover(open_rgb(path), resolution, resolution)
     return pil_to_tensor(image, dtype)[0]
