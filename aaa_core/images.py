@@ -119,6 +119,44 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
 
+# How far a float IMAGE may stray outside 0..1 and still be taken as rounding noise (half an 8-bit step).
+_RANGE_TOLERANCE = 0.5 / 255
+
+
+def checked_comfy_image(images: torch.Tensor, name: str) -> torch.Tensor:
+    """A ComfyUI IMAGE ``(B,H,W,3 or 4)`` as float in [0, 1], or a one-line error naming input ``name``.
+
+    A uint8 IMAGE (0..255, from some custom nodes) is divided by 255: its meaning is
+    unambiguous, whereas encoding it as is would wrap around silently. Other integer types,
+    NaN/inf, values outside 0..1 and channel counts other than 3 (RGB) or 4 (alpha, dropped
+    later as native VAE Encode does) are refused.
+    """
+    if not torch.is_tensor(images) or images.ndim != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise InputError(f"{name} must be an IMAGE of shape (batch, height, width, channels), got {shape}")
+    if images.shape[0] == 0:
+        raise InputError(f"{name} is an empty batch (0 images)")
+    if images.shape[-1] not in (3, 4):
+        raise InputError(
+            f"{name} has shape {tuple(images.shape)}; its last dimension (channels) must be 3 (RGB) or 4 (RGBA, alpha is dropped)"
+        )
+    if images.dtype == torch.uint8:
+        return images.float() / 255
+    if not images.is_floating_point():
+        raise InputError(f"{name} has dtype {images.dtype}; an IMAGE holds floats in 0..1 (or uint8 in 0..255)")
+    images = images.float()
+    finite = torch.isfinite(images)
+    if not finite.all():
+        raise InputError(f"{name} holds {int((~finite).sum())} NaN or infinite values; check the node that made it")
+    low, high = images.aminmax()
+    if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+        raise InputError(
+            f"{name} holds values from {low.item():.4g} to {high.item():.4g}; an IMAGE holds 0..1 "
+            "(0..255 pixels must be divided by 255, -1..1 pixels mapped with (x + 1) / 2)"
+        )
+    return images.clamp(0, 1)
+
+
 def comfy_to_vae(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE ``(B,H,W,C)`` in [0, 1] -> VAE input ``(B,3,H,W)`` in [-1, 1] (alpha dropped)."""
     return images[..., :3].movedim(-1, 1) * 2 - 1

@@ -1,4 +1,5 @@
-"""Image files to 8-bit RGB (real files in every PIL mode) and the decompression-bomb guard."""
+"""Image files to 8-bit RGB (real files in every PIL mode), the decompression-bomb guard, and the
+IMAGE check of AAA VAE Encode."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from aaa_core.cli import main
 from aaa_core.errors import InputError
 from aaa_core.images import open_rgb
+from node_helpers import errors, one_line_error
+from pack_import import node
 
 # --------------------------------------------------------------------------------------
 # High bit depths: scaled to 8 bits, not clipped
@@ -161,3 +165,46 @@ def test_large_image_under_the_bomb_limit_loads_with_one_log_line(tmp_path, capl
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(messages) == 1 and "big.png: 12x10 is a very large image" in messages[0]
+
+
+# --------------------------------------------------------------------------------------
+# AAA VAE Encode: the IMAGE it is given
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fallback_folders")
+def test_vae_encode_divides_a_uint8_image_by_255(models):
+    pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    (as_uint8,) = node("AAAVAEEncode")(pixels, models.vae)
+    (as_float,) = node("AAAVAEEncode")(pixels.float() / 255, models.vae)
+    assert torch.equal(as_uint8["samples"], as_float["samples"])
+
+
+@pytest.mark.usefixtures("fallback_folders")
+@pytest.mark.parametrize(
+    "pixels,message",
+    [
+        (torch.full((1, 32, 32, 3), 128.0), "pixels holds values from 128 to 128; an IMAGE holds 0..1"),
+        (torch.full((1, 32, 32, 3), -0.5), "pixels holds values from -0.5 to -0.5; an IMAGE holds 0..1"),
+        (torch.zeros(1, 32, 32, 3).index_fill_(1, torch.tensor([3]), float("nan")), "pixels holds 96 NaN or infinite values"),
+        (torch.zeros(1, 32, 32, 3, dtype=torch.int32), "pixels has dtype torch.int32; an IMAGE holds floats in 0..1"),
+        (torch.rand(1, 32, 32, 1), "pixels has shape (1, 32, 32, 1); its last dimension (channels) must be 3 (RGB) or 4 (RGBA, alpha is dropped)"),
+        (torch.rand(32, 32, 3), "pixels must be an IMAGE of shape (batch, height, width, channels), got (32, 32, 3)"),
+        (torch.rand(0, 32, 32, 3), "pixels is an empty batch"),
+    ],
+)
+def test_vae_encode_refuses_bad_images_with_one_line(models, pixels, message):
+    with pytest.raises(errors.InputError) as excinfo:
+        node("AAAVAEEncode")(pixels, models.vae)
+    assert message in one_line_error(excinfo)
+
+
+@pytest.mark.usefixtures("fallback_folders")
+def test_vae_encode_clamps_rounding_noise_just_outside_0_1(models):
+    pixels = torch.rand(1, 32, 32, 3)
+    noisy = pixels.clone()
+    noisy[0, 0, 0] = torch.tensor([1.001, -0.001, 0.5])
+    clean = noisy.clamp(0, 1)
+    (a,) = node("AAAVAEEncode")(noisy, models.vae)
+    (b,) = node("AAAVAEEncode")(clean, models.vae)
+    assert torch.equal(a["samples"], b["samples"])
