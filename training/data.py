@@ -127,6 +127,11 @@ def _from_caption_files(folder: Path) -> tuple[list[Sample], list[Skipped]]:
     return samples, skipped
 
 
+# Part of every latent's cache key: bump it when load_image's pixels change (file decoding,
+# resize, crop), so that latents made the old way are encoded again.
+PREPROCESS_VERSION = "open_rgb-alpha-dropped-high-bit-scaled+resize_cover-bilinear+centre-crop/2"
+
+
 def load_image(path: Path, resolution: int, dtype: torch.dtype) -> torch.Tensor:
     """``(3, R, R)`` pixels in [-1, 1]: read as ComfyUI's Load Image does, resized to cover, centre-cropped.
 
