@@ -16,6 +16,11 @@ from aaa_core.errors import InputError
 from aaa_core.images import open_rgb
 from node_helpers import errors, one_line_error
 from pack_import import node
+from test_training import argv
+from tiny_models import save_tiny_models
+from training.cache import EncodingCache, file_sha256
+from training.config import parse_config
+from training.train import train
 
 # --------------------------------------------------------------------------------------
 # High bit depths: scaled to 8 bits, not clipped
@@ -165,6 +170,27 @@ def test_large_image_under_the_bomb_limit_loads_with_one_log_line(tmp_path, capl
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(messages) == 1 and "big.png: 12x10 is a very large image" in messages[0]
+
+
+def test_training_skips_a_bomb_by_name_and_reads_16_bit_images_scaled(tmp_path, caplog, monkeypatch):
+    """The trainer reads files through the same rule: a 16-bit ramp gives the latent of its 8-bit twin."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32)  # 32x32 loads quietly, 48x48 is refused
+    models, data = save_tiny_models(tmp_path / "models"), tmp_path / "data"
+    data.mkdir()
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(data / "deep.png")
+    Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).save(data / "flat.png")
+    Image.new("RGB", (48, 48)).save(data / "huge.png")
+    for name in ("deep", "flat", "huge"):
+        (data / f"{name}.txt").write_text(f"a {name} picture", encoding="utf-8")
+
+    with caplog.at_level(logging.WARNING):
+        summary = train(parse_config(argv(models, data, tmp_path / "run", "--max-steps", 1, cache=tmp_path / "cache")))
+    assert [(s.name, s.reason.split(" (")[0]) for s in summary.skipped] == [("huge.png", "too large to open safely")]
+    assert "skipped huge.png: too large to open safely" in caplog.text
+    cache = EncodingCache(tmp_path / "cache", models["vae"], models["text_encoder"], 32, torch.float32)
+    deep, flat = (cache.load("latents", cache.latent_key(file_sha256(data / f"{name}.png")), name) for name in ("deep", "flat"))
+    torch.testing.assert_close(deep, flat, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------

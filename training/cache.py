@@ -237,7 +237,7 @@ def encode_dataset(
             cache.root, len(missing_images), len(latent_keys), len(missing_prompts), len(text_keys),
         )
     barrier()  # every process has checked the entries before any is rewritten
-    _encode_images(missing_images[rank::world_size], latent_keys, cache, vae_path, device, batch_size, stats, main, should_stop)
+    failures = _encode_images(missing_images[rank::world_size], latent_keys, cache, vae_path, device, batch_size, stats, main, should_stop)
     _encode_prompts(missing_prompts[rank::world_size], text_keys, cache, text_encoder_path, device, batch_size, stats, main, should_stop)
     barrier()  # every share is on disk before anyone reads
     for image in missing_images:  # written by any process; still None if the image was unreadable
@@ -252,7 +252,7 @@ def encode_dataset(
         if latents[latent_keys[sample.image]] is not None:
             used.append(sample)
         else:
-            skipped.append(Skipped(sample.image.name, "unreadable image"))
+            skipped.append(Skipped(sample.image.name, failures.get(sample.image, "unreadable image")))
     if not used:
         raise InputError("no image could be read; see the messages above")
 
@@ -273,8 +273,9 @@ def encode_dataset(
     return data, skipped
 
 
-def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, main, should_stop) -> None:
-    vae = None
+def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, main, should_stop) -> dict[Path, str]:
+    """Encodes and stores ``images``; returns why each unreadable one was left out."""
+    vae, failures = None, {}
     with tqdm(total=len(images), desc="encoding images", unit="img", disable=None if main else True) as bar:
         for start in range(0, len(images), batch_size):
             if should_stop():
@@ -284,8 +285,10 @@ def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, mai
                 try:
                     pixels.append(load_image(image, cache.resolution, cache.dtype))
                     chunk.append(image)
-                except InputError as err:  # reported here; counted as skipped once all shares are done
-                    log.warning("skipped %s: %s", image.name, err)
+                except InputError as err:  # counted as skipped once all shares are done
+                    failures[image] = str(err).removeprefix(f"{image}: ")
+                    if not main:  # the main process reports its own failures in the skip summary
+                        log.warning("skipped %s: %s", image.name, failures[image])
             if chunk:
                 if vae is None:  # loaded only when at least one image needs it
                     vae = load_vae(vae_path, dtype=cache.dtype, device=device)
@@ -298,6 +301,7 @@ def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, mai
             bar.update(len(images[start : start + batch_size]))
     del vae
     _free_memory(device)
+    return failures
 
 
 def _encode_prompts(prompts, keys, cache, text_encoder_path, device, batch_size, stats, main, should_stop) -> None:
