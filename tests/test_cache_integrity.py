@@ -24,7 +24,7 @@ from test_training import argv
 from tiny_models import save_tiny_models, save_tiny_vae
 from training.cache import EncodingCache, file_sha256, tensor_sha256
 from training.config import parse_config
-from training.train import train
+from training.train import main, train
 
 RESOLUTION = 32
 
@@ -173,3 +173,12 @@ def test_entries_are_written_atomically_and_never_non_finite(model_files, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         cache.write("text", "cd" * 32, torch.zeros(128, 32), "a prompt")
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != "model_fingerprints.json"] == []
+
+
+def test_a_cache_dir_that_cannot_be_written_is_one_line(model_files, tmp_path, caplog):
+    data = write_pairs(tmp_path / "data", 1)
+    (tmp_path / "taken").write_text("a file, not a folder", encoding="utf-8")
+    code = main(argv(model_files, data, tmp_path / "run", "--max-steps", 1, cache=tmp_path / "taken"))
+    assert code == 1
+    assert "model_fingerprints.json: cannot write to the encoding cache" in caplog.text
+    assert "pass a writable --cache-dir" in caplog.text

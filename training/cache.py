@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -103,9 +103,20 @@ def model_fingerprint(path: Path, memo_file: Path) -> str:
             return entry["sha256"]
     log.info("hashing %s (once; identifies the model in the cache keys)", path)
     memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
-    with atomic_output(memo_file) as tmp:
+    with _writing_to_cache(memo_file), atomic_output(memo_file) as tmp:
         tmp.write_text(json.dumps(memo, indent=1), encoding="utf-8")
     return memo[key]["sha256"]
+
+
+@contextlib.contextmanager
+def _writing_to_cache(path: Path) -> Iterator[None]:
+    """Turns an OS error while writing ``path`` into one line that says what to do."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(
+            f"{path}: cannot write to the encoding cache ({err.strerror or err}); pass a writable --cache-dir"
+        ) from None
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -154,7 +165,8 @@ class EncodingCache:
                 "check the model file, or try --encoder-dtype fp32"
             )
         metadata = {"source": source[:1000], CHECKSUM_KEY: tensor_sha256(tensor)}
-        save_safetensors({kind: tensor}, self.path(kind, key), metadata)
+        with _writing_to_cache(self.path(kind, key)):
+            save_safetensors({kind: tensor}, self.path(kind, key), metadata)
 
     def load(self, kind: str, key: str, source: str, report: bool = True) -> torch.Tensor | None:
         """The entry's tensor; ``None`` if it is missing or damaged (then warned about and removed)."""
