@@ -25,10 +25,10 @@ def open_rgb(path: "str | os.PathLike[str]") -> Image.Image:
 
     It gives the pixels ComfyUI's Load Image gives, so a picture encodes the same in a workflow,
     on the command line and in training: EXIF orientation applied, the first frame (Load Image
-    would batch all frames of an animation), and alpha
-    dropped (Load Image returns it as a separate mask and keeps the colours under transparent
-    pixels; the reference trainer's ``convert("RGB")`` does the same). Where Load Image clips
-    instead of scaling (16-bit, 32-bit and float grayscale), the values are scaled to 8 bits.
+    would batch all frames of an animation), alpha dropped (Load Image returns it as a separate
+    mask and keeps the colours under transparent pixels; the reference trainer's
+    ``convert("RGB")`` does the same). Where Load Image clips instead of scaling (16-bit, 32-bit
+    and float grayscale), the values are scaled to 8 bits.
 
     Raises ``InputError`` naming the file when it is missing, unreadable, too large to open
     safely (PIL's decompression-bomb guard) or holds non-finite values.
@@ -46,7 +46,7 @@ def open_rgb(path: "str | os.PathLike[str]") -> Image.Image:
     except (PermissionError, IsADirectoryError) as err:
         raise InputError(f"{path}: image cannot be read ({err.strerror})") from None
     except Image.DecompressionBombError as err:
-        raise InputError(f"{path}: too large to open safely ({err}); downscale it") from None
+        raise InputError(f"{path}: too large to open safely ({str(err).rstrip('.')}); downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:  # PIL raises all of these for bad files
         raise InputError(f"{path}: not a readable image ({err})") from None
     if top is not None:
