@@ -154,7 +154,7 @@ def checked_comfy_image(images: torch.Tensor, name: str) -> torch.Tensor:
             f"{name} holds values from {low.item():.4g} to {high.item():.4g}; an IMAGE holds 0..1 "
             "(0..255 pixels must be divided by 255, -1..1 pixels mapped with (x + 1) / 2)"
         )
-    return images.clamp(0, 1)
+    return images if low >= 0 and high <= 1 else images.clamp(0, 1)  # no copy of a clean batch
 
 
 def comfy_to_vae(images: torch.Tensor) -> torch.Tensor:
