@@ -7,7 +7,9 @@ truncate (not round) to uint8 on the way out, so our images match its pixels.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -15,27 +17,85 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 
 def open_rgb(path: "str | os.PathLike[str]") -> Image.Image:
-    """Opens an image as RGB, honouring EXIF rotation and compositing transparency on white.
+    """Reads an image file as 8-bit RGB: the one way the CLI (``--image``) and the trainer read pictures.
 
-    ``convert("RGB")`` alone would turn transparent pixels black (the reference's behaviour,
-    which hurts transparent PNG artwork such as the Pokemon data set).
+    It gives the pixels ComfyUI's Load Image gives, so a picture encodes the same in a workflow,
+    on the command line and in training: EXIF orientation applied, the first frame (Load Image
+    would batch all frames of an animation), alpha dropped (Load Image returns it as a separate
+    mask and keeps the colours under transparent pixels; the reference trainer's
+    ``convert("RGB")`` does the same). Where Load Image clips instead of scaling (16-bit, 32-bit
+    and float grayscale), the values are scaled to 8 bits.
+
+    Raises ``InputError`` naming the file when it is missing, unreadable, too large to open
+    safely (PIL's decompression-bomb guard) or holds non-finite values.
     """
     try:
-        with Image.open(path) as image:
-            image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # logged below as one line
+            with Image.open(path) as source:
+                source.load()
+                _log_if_large(path, source)
+                top = _nominal_max(source)  # before the transpose, which drops the TIFF tags
+                image = ImageOps.exif_transpose(source)
     except FileNotFoundError:
         raise InputError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (PermissionError, IsADirectoryError) as err:
+        raise InputError(f"{path}: image cannot be read ({err.strerror})") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: too large to open safely ({str(err).rstrip('.')}); downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:  # PIL raises all of these for bad files
         raise InputError(f"{path}: not a readable image ({err})") from None
-    image = ImageOps.exif_transpose(image)
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    if top is not None:
+        image = _scale_to_8_bits(image, top, path)
+    try:
+        return image.convert("RGB")
+    except ValueError as err:  # a mode PIL cannot convert, e.g. "La"
+        raise InputError(f"{path}: image mode {image.mode} cannot be converted to RGB ({err})") from None
+
+
+# Modes holding more than 8 bits per value. PIL's convert("RGB") clips them to 255 instead of
+# scaling (a 16-bit grayscale picture turns almost all white), so they are scaled here first.
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _nominal_max(image: Image.Image) -> float | None:
+    """The value that means white in a high-bit-depth image; ``None`` for 8-bit modes.
+
+    Mode "I" (32-bit integers) comes from 16-bit PPM/PGM files (scaled by PIL to 0..65535) and
+    from 32-bit TIFFs; only a TIFF's BitsPerSample tag says it uses the full signed 32-bit range.
+    Float images are taken to hold 0..1.
+    """
+    if image.mode in _16_BIT_MODES:
+        return 65535.0
+    if image.mode == "I":
+        bits = getattr(image, "tag_v2", {}).get(258, (16,))  # TIFF BitsPerSample
+        return 2.0**31 - 1 if tuple(bits)[:1] == (32,) else 65535.0
+    if image.mode == "F":
+        return 1.0
+    return None
+
+
+def _scale_to_8_bits(image: Image.Image, top: float, path: "str | os.PathLike[str]") -> Image.Image:
+    """Maps ``0..top`` to ``0..255`` (rounded, values outside clipped) as an 8-bit grayscale image."""
+    pixels = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(pixels).all():
+        raise InputError(f"{path}: image holds NaN or infinite values ({image.mode} mode)")
+    scaled = np.rint(np.clip(pixels * np.float32(255.0 / top), 0, 255))
+    return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
+def _log_if_large(path: "str | os.PathLike[str]", image: Image.Image) -> None:
+    """One log line instead of PIL's DecompressionBombWarning for images it still opens."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        log.warning(
+            "%s: %dx%d is a very large image (%.0f megapixels, above PIL's warning limit of %.0f); loading it anyway",
+            path, image.width, image.height, image.width * image.height / 1e6, limit / 1e6,
+        )
 
 
 def resize_cover(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -57,6 +117,44 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """VAE output ``(B,3,H,W)`` in about [-1, 1] -> PIL images (clipped, truncated to uint8)."""
     pixels = ((images.float() + 1) * 127.5).clip(0, 255).to(device="cpu", dtype=torch.uint8)
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+
+
+# How far a float IMAGE may stray outside 0..1 and still be taken as rounding noise (half an 8-bit step).
+_RANGE_TOLERANCE = 0.5 / 255
+
+
+def checked_comfy_image(images: torch.Tensor, name: str) -> torch.Tensor:
+    """A ComfyUI IMAGE ``(B,H,W,3 or 4)`` as float in [0, 1], or a one-line error naming input ``name``.
+
+    A uint8 IMAGE (0..255, from some custom nodes) is divided by 255: its meaning is
+    unambiguous, whereas encoding it as is would wrap around silently. Other integer types,
+    NaN/inf, values outside 0..1 and channel counts other than 3 (RGB) or 4 (alpha, dropped
+    later as native VAE Encode does) are refused.
+    """
+    if not torch.is_tensor(images) or images.ndim != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise InputError(f"{name} must be an IMAGE of shape (batch, height, width, channels), got {shape}")
+    if images.shape[0] == 0:
+        raise InputError(f"{name} is an empty batch (0 images)")
+    if images.shape[-1] not in (3, 4):
+        raise InputError(
+            f"{name} has shape {tuple(images.shape)}; its last dimension (channels) must be 3 (RGB) or 4 (RGBA, alpha is dropped)"
+        )
+    if images.dtype == torch.uint8:
+        return images.float() / 255
+    if not images.is_floating_point():
+        raise InputError(f"{name} has dtype {images.dtype}; an IMAGE holds floats in 0..1 (or uint8 in 0..255)")
+    images = images.float()
+    finite = torch.isfinite(images)
+    if not finite.all():
+        raise InputError(f"{name} holds {int((~finite).sum())} NaN or infinite values; check the node that made it")
+    low, high = images.aminmax()
+    if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+        raise InputError(
+            f"{name} holds values from {low.item():.4g} to {high.item():.4g}; an IMAGE holds 0..1 "
+            "(0..255 pixels must be divided by 255, -1..1 pixels mapped with (x + 1) / 2)"
+        )
+    return images if low >= 0 and high <= 1 else images.clamp(0, 1)  # no copy of a clean batch
 
 
 def comfy_to_vae(images: torch.Tensor) -> torch.Tensor:

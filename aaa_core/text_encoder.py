@@ -14,6 +14,7 @@ shipped with this package, so no download is ever needed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -38,6 +39,11 @@ CONFIG_NAME = "config.json"
 _TOKENIZER_FILE_SETS = (
     ("tokenizer_config.json", "tokenizer.json"),
     ("tokenizer_config.json", "vocab.json", "merges.txt"),
+)
+# Every file transformers may read from a tokenizer folder: each one can change the token ids.
+TOKENIZER_FILE_NAMES = (
+    "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 
 
@@ -204,6 +210,40 @@ def build_empty_model(config: Qwen3Config) -> Qwen3Model:
         return Qwen3Model(config)
 
 
+def _weights_file(path: Path) -> Path:
+    """The weights file of a single file or a ``Qwen/Qwen3-0.6B`` folder."""
+    if not path.exists():
+        raise ModelFileError(f"{path}: not found")
+    if not path.is_dir():
+        return path
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelFileError(f"{path}: folder has no {WEIGHTS_NAME} (expected the Qwen/Qwen3-0.6B layout)")
+    return weights
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderFiles:
+    """The files that decide what a text encoder computes, as :func:`load_text_encoder` picks them."""
+
+    weights: Path
+    config: Path
+    tokenizer: tuple[Path, ...]
+
+
+def encoder_files(path: "str | os.PathLike[str]") -> EncoderFiles:
+    """Which weights, config and tokenizer files loading ``path`` would use (nothing heavy is read).
+
+    The training cache keys prompt embeddings on all of them: a changed ``rope_theta`` in
+    ``config.json`` or an edited chat template changes every embedding.
+    """
+    weights = _weights_file(Path(path))
+    folder = weights.parent
+    tokenizer_folder = folder if has_tokenizer(folder) else ASSETS_DIR
+    tokenizer = tuple(tokenizer_folder / name for name in TOKENIZER_FILE_NAMES if (tokenizer_folder / name).is_file())
+    return EncoderFiles(weights, _config_file(folder), tokenizer)
+
+
 def _to_model_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official keys carry a ``model.`` prefix and a tied ``lm_head.weight``; Qwen3Model has neither."""
     return {
@@ -259,15 +299,7 @@ def load_text_encoder(
     ``dtype`` None keeps the file's dtype (bf16 for the official file). The model is in eval
     mode without gradients; tensors are read straight onto ``device``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{path}: not found")
-    if path.is_dir():
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise ModelFileError(f"{path}: folder has no {WEIGHTS_NAME} (expected the Qwen/Qwen3-0.6B layout)")
-    else:
-        weights = path
+    weights = _weights_file(Path(path))
     folder = weights.parent
 
     config_file = _config_file(folder)

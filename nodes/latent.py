@@ -135,6 +135,7 @@ class AAAVAEEncode:
         from ..aaa_core.pipeline import encode_images
 
         factor = vae.model.downscale_factor
+        pixels = images.checked_comfy_image(pixels, "pixels")
         cropped = images.center_crop_to_multiple(pixels, factor)
         if cropped.shape != pixels.shape:
             log.info(

@@ -55,24 +55,6 @@ def test_folder_and_unknown_files_are_reported(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def test_transparent_png_is_composited_on_white(tmp_path):
-    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
-    rgba[:2, :, :] = (255, 0, 0, 255)  # opaque red top half, fully transparent bottom half
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "sprite.png")
-    pixels = np.array(open_rgb(tmp_path / "sprite.png"))
-    assert pixels[0, 0].tolist() == [255, 0, 0]
-    assert pixels[3, 3].tolist() == [255, 255, 255]
-
-
-def test_palette_png_with_transparency_is_composited_on_white(tmp_path):
-    image = Image.new("P", (2, 1))
-    image.putpalette([0, 0, 0, 0, 255, 0])
-    image.putpixel((1, 0), 1)
-    image.info["transparency"] = 0
-    image.save(tmp_path / "p.png", transparency=0)
-    assert np.array(open_rgb(tmp_path / "p.png")).tolist() == [[[255, 255, 255], [0, 255, 0]]]
-
-
 def test_unreadable_and_missing_images_name_the_file(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="broken.png: not a readable image"):

@@ -1,41 +1,45 @@
 """The encoding cache: each image goes through the frozen VAE once, each prompt through Qwen3 once.
 
 Entries are small safetensors files, one per image (the VAE latent mean, ``(128, R/16, R/16)``)
-and one per distinct prompt (``(128, 1024)`` embeddings), named by a hash of everything that
+and one per distinct prompt (``(128, hidden)`` embeddings), named by a hash of everything that
 decides their content:
 
 - latents: the image file's bytes, the resolution, the pre-processing, the VAE file, the dtype;
-- prompts: the text, the text-encoder file, the dtype.
+- prompts: the text, the text encoder's weights, config.json and tokenizer files, the dtype.
 
 So a changed image, caption, model file, size or dtype re-encodes exactly the affected
 entries, and a run whose entries all exist never loads the encoders. Each entry is written
-atomically, so an interrupted encoding keeps what it finished. With several processes each
-encodes its share of the missing entries; then every process reads them all.
+atomically, so an interrupted encoding keeps what it finished. Each entry also records a
+checksum of its tensor; an entry that is damaged (unreadable, wrong shape or dtype, NaN,
+checksum mismatch) is reported by name and encoded again. With several processes each encodes
+its share of the missing entries; then every process reads them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from aaa_core.checkpoint import atomic_output, read_safetensors, save_safetensors
+from aaa_core.checkpoint import atomic_output, save_safetensors
 from aaa_core.errors import InputError
-from aaa_core.text_encoder import load_text_encoder
+from aaa_core.sampling import LATENT_CHANNELS, latent_size
+from aaa_core.text_encoder import MAX_TOKENS, encoder_files, load_config, load_text_encoder
 from aaa_core.vae import load_vae
 
-from .data import Sample, Skipped, load_image
+from .data import PREPROCESS_VERSION, Sample, Skipped, load_image
 
 log = logging.getLogger(__name__)
 
-# Bump when load_image's pixels change (compositing, resize, crop), to invalidate old latents.
-PREPROCESS_VERSION = "open_rgb-white+resize_cover-bilinear+centre-crop/1"
+CHECKSUM_KEY = "sha256"  # entry metadata: the SHA-256 of the tensor's bytes
 
 
 @dataclasses.dataclass
@@ -86,33 +90,62 @@ def file_sha256(path: Path) -> str:
 
 def model_fingerprint(path: Path, memo_file: Path) -> str:
     """The SHA-256 of a model file, remembered by (path, size, mtime) so it is computed once."""
-    weights = path / "model.safetensors" if path.is_dir() else path
-    stat = weights.stat()
-    key = str(weights.resolve())
+    stat = path.stat()
+    key = str(path.resolve())
     try:
         memo = json.loads(memo_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         memo = {}
-    entry = memo.get(key, {})
-    if entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return entry["sha256"]
-    log.info("hashing %s (once; identifies the model in the cache keys)", weights)
-    memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(weights)}
-    with atomic_output(memo_file) as tmp:
+    memo = memo if isinstance(memo, dict) else {}  # a damaged memo is rebuilt, never trusted
+    entry = memo.get(key)
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        if isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+    log.info("hashing %s (once; identifies the model in the cache keys)", path)
+    memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+    with _writing_to_cache(memo_file), atomic_output(memo_file) as tmp:
         tmp.write_text(json.dumps(memo, indent=1), encoding="utf-8")
     return memo[key]["sha256"]
 
 
+@contextlib.contextmanager
+def _writing_to_cache(path: Path) -> Iterator[None]:
+    """Turns an OS error while writing ``path`` into one line that says what to do."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(
+            f"{path}: cannot write to the encoding cache ({err.strerror or err}); pass a writable --cache-dir"
+        ) from None
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """The SHA-256 of a tensor's raw bytes (any dtype, bfloat16 included)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
 class EncodingCache:
-    """Entry files under ``root/latents`` and ``root/text``, addressed by content keys."""
+    """Entry files under ``root/latents`` and ``root/text``, addressed by content keys.
+
+    ``shapes`` is what every entry of a kind must hold: the check on write and on read.
+    """
 
     def __init__(self, root: Path, vae_path: Path, text_encoder_path: Path, resolution: int, dtype: torch.dtype):
         self.root = root
         memo = root / "model_fingerprints.json"
         self.vae_id = model_fingerprint(vae_path, memo)
-        self.text_encoder_id = model_fingerprint(text_encoder_path, memo)
+        files = encoder_files(text_encoder_path)
+        self.text_encoder_id = _hash(
+            model_fingerprint(files.weights, memo),
+            f"config:{file_sha256(files.config)}",
+            *(f"{file.name}:{file_sha256(file)}" for file in files.tokenizer),
+        )
         self.resolution = resolution
         self.dtype = dtype
+        self.shapes = {
+            "latents": (LATENT_CHANNELS, *latent_size(resolution, resolution)),
+            "text": (MAX_TOKENS, load_config(files.weights.parent).hidden_size),
+        }
 
     def latent_key(self, image_sha: str) -> str:
         return _hash("latent", image_sha, self.resolution, PREPROCESS_VERSION, self.vae_id, self.dtype)
@@ -123,15 +156,62 @@ class EncodingCache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
-    def has(self, kind: str, key: str) -> bool:
-        return self.path(kind, key).is_file()
-
     def write(self, kind: str, key: str, tensor: torch.Tensor, source: str) -> None:
-        save_safetensors({kind: tensor}, self.path(kind, key), {"source": source[:1000]})
+        """Stores a fresh encoding with its checksum; refuses one that could never be read back."""
+        problem = self._problem(kind, tensor)
+        if problem:
+            raise InputError(
+                f"encoding {_describe(kind, source)} gave a tensor that {problem}; "
+                "check the model file, or try --encoder-dtype fp32"
+            )
+        metadata = {"source": source[:1000], CHECKSUM_KEY: tensor_sha256(tensor)}
+        with _writing_to_cache(self.path(kind, key)):
+            save_safetensors({kind: tensor}, self.path(kind, key), metadata)
 
-    def read(self, kind: str, key: str) -> torch.Tensor:
-        state, _ = read_safetensors(self.path(kind, key))
-        return state[kind]
+    def load(self, kind: str, key: str, source: str, report: bool = True) -> torch.Tensor | None:
+        """The entry's tensor; ``None`` if it is missing or damaged (then warned about and removed)."""
+        path = self.path(kind, key)
+        if not path.is_file():
+            return None
+        tensor, problem = self._read(kind, path)
+        if problem is None:
+            return tensor
+        if report:
+            log.warning("cache entry %s (%s) %s; encoding it again", path, _describe(kind, source), problem)
+        with contextlib.suppress(OSError):  # so no damaged entry remains even if the encoding fails
+            path.unlink()
+        return None
+
+    def _read(self, kind: str, path: Path) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names, metadata = list(handle.keys()), handle.metadata() or {}
+                if names != [kind]:
+                    return None, f"holds tensors {names}, expected one named '{kind}'"
+                tensor = handle.get_tensor(kind).clone()  # its own memory, not a view of the mapped file
+        except (SafetensorError, OSError, ValueError) as err:
+            return None, f"is not a readable safetensors file ({err})"
+        problem = self._problem(kind, tensor)
+        if problem is None and metadata.get(CHECKSUM_KEY) != tensor_sha256(tensor):
+            problem = "does not match its checksum" if CHECKSUM_KEY in metadata else "has no checksum"
+        return (tensor, None) if problem is None else (None, problem)
+
+    def _problem(self, kind: str, tensor: torch.Tensor) -> str | None:
+        """What is wrong with a tensor for an entry of ``kind``, or ``None``."""
+        if tuple(tensor.shape) != self.shapes[kind]:
+            return f"has shape {tuple(tensor.shape)}, expected {self.shapes[kind]}"
+        if tensor.dtype != self.dtype:
+            return f"has dtype {tensor.dtype}, expected {self.dtype}"
+        if not torch.isfinite(tensor).all():
+            return "holds NaN or infinite values"
+        return None
+
+
+def _describe(kind: str, source: str) -> str:
+    """Names an entry's source in messages: the image file, or the start of the prompt."""
+    if kind == "latents":
+        return f"image {source}"
+    return f"prompt {source[:60]!r}" + ("..." if len(source) > 60 else "")
 
 
 def encode_dataset(
@@ -147,34 +227,44 @@ def encode_dataset(
     barrier: Callable[[], None] = lambda: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[EncodedData, list[Skipped]]:
-    """Encodes what the cache lacks (this process's share), then reads the whole data set.
+    """Encodes what the cache lacks or holds damaged (this process's share), then reads the whole data set.
 
     Returns the encoded data and the samples whose image turned out to be unreadable.
     """
     stats = CacheStats()
+    main = rank == 0
     image_sha = {s.image: file_sha256(s.image) for s in samples}
     latent_keys = {image: cache.latent_key(sha) for image, sha in image_sha.items()}
     prompts = list(dict.fromkeys([s.caption for s in samples] + list(extra_prompts)))
     text_keys = {prompt: cache.text_key(prompt) for prompt in prompts}
 
-    missing_images = [image for image, key in latent_keys.items() if not cache.has("latents", key)]
-    missing_prompts = [prompt for prompt, key in text_keys.items() if not cache.has("text", key)]
-    main = rank == 0
+    # Every entry is read and checked once; None marks one to encode (missing or damaged).
+    latents = {key: cache.load("latents", key, str(image), report=main) for image, key in latent_keys.items()}
+    texts = {key: cache.load("text", key, prompt, report=main) for prompt, key in text_keys.items()}
+    missing_images = [image for image, key in latent_keys.items() if latents[key] is None]
+    missing_prompts = [prompt for prompt, key in text_keys.items() if texts[key] is None]
     if main:
         log.info(
             "cache %s: %d of %d images and %d of %d prompts to encode",
             cache.root, len(missing_images), len(latent_keys), len(missing_prompts), len(text_keys),
         )
-    _encode_images(missing_images[rank::world_size], latent_keys, cache, vae_path, device, batch_size, stats, main, should_stop)
+    barrier()  # every process has checked the entries before any is rewritten
+    failures = _encode_images(missing_images[rank::world_size], latent_keys, cache, vae_path, device, batch_size, stats, main, should_stop)
     _encode_prompts(missing_prompts[rank::world_size], text_keys, cache, text_encoder_path, device, batch_size, stats, main, should_stop)
     barrier()  # every share is on disk before anyone reads
+    for image in missing_images:  # written by any process; still None if the image was unreadable
+        latents[latent_keys[image]] = cache.load("latents", latent_keys[image], str(image), report=main)
+    for prompt in missing_prompts:
+        texts[text_keys[prompt]] = cache.load("text", text_keys[prompt], prompt, report=main)
+    if any(texts[key] is None for key in text_keys.values()):
+        raise InputError(f"cache {cache.root}: a prompt embedding is missing after encoding; see the messages above")
 
     skipped, used = [], []
     for sample in samples:
-        if cache.has("latents", latent_keys[sample.image]):
+        if latents[latent_keys[sample.image]] is not None:
             used.append(sample)
         else:
-            skipped.append(Skipped(sample.image.name, "unreadable image"))
+            skipped.append(Skipped(sample.image.name, failures.get(sample.image, "unreadable image")))
     if not used:
         raise InputError("no image could be read; see the messages above")
 
@@ -183,20 +273,21 @@ def encode_dataset(
     image_slot = {key: i for i, key in enumerate(image_order)}
     text_slot = {key: i for i, key in enumerate(text_order)}
     data = EncodedData(
-        latents=torch.stack([cache.read("latents", key) for key in image_order]),
-        text=torch.stack([cache.read("text", key) for key in text_order]),
+        latents=torch.stack([latents[key] for key in image_order]),
+        text=torch.stack([texts[key] for key in text_order]),
         image_index=torch.tensor([image_slot[latent_keys[s.image]] for s in used]),
         text_index=torch.tensor([text_slot[text_keys[s.caption]] for s in used]),
         captions=[s.caption for s in used],
-        extra_prompts={prompt: cache.read("text", text_keys[prompt]) for prompt in extra_prompts},
+        extra_prompts={prompt: texts[text_keys[prompt]] for prompt in extra_prompts},
         fingerprint=_hash(*(f"{latent_keys[s.image]}:{text_keys[s.caption]}" for s in used)),
         stats=stats,
     )
     return data, skipped
 
 
-def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, main, should_stop) -> None:
-    vae = None
+def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, main, should_stop) -> dict[Path, str]:
+    """Encodes and stores ``images``; returns why each unreadable one was left out."""
+    vae, failures = None, {}
     with tqdm(total=len(images), desc="encoding images", unit="img", disable=None if main else True) as bar:
         for start in range(0, len(images), batch_size):
             if should_stop():
@@ -206,8 +297,10 @@ def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, mai
                 try:
                     pixels.append(load_image(image, cache.resolution, cache.dtype))
                     chunk.append(image)
-                except InputError as err:  # reported here; counted as skipped once all shares are done
-                    log.warning("skipped %s: %s", image.name, err)
+                except InputError as err:  # counted as skipped once all shares are done
+                    failures[image] = str(err).removeprefix(f"{image}: ")
+                    if not main:  # the main process reports its own failures in the skip summary
+                        log.warning("skipped %s: %s", image.name, failures[image])
             if chunk:
                 if vae is None:  # loaded only when at least one image needs it
                     vae = load_vae(vae_path, dtype=cache.dtype, device=device)
@@ -220,6 +313,7 @@ def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, mai
             bar.update(len(images[start : start + batch_size]))
     del vae
     _free_memory(device)
+    return failures
 
 
 def _encode_prompts(prompts, keys, cache, text_encoder_path, device, batch_size, stats, main, should_stop) -> None:

@@ -127,10 +127,15 @@ def _from_caption_files(folder: Path) -> tuple[list[Sample], list[Skipped]]:
     return samples, skipped
 
 
-def load_image(path: Path, resolution: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(3, R, R)`` pixels in [-1, 1]: transparency on white, resized to cover, centre-cropped.
+# Part of every latent's cache key: bump it when load_image's pixels change (file decoding,
+# resize, crop), so that latents made the old way are encoded again.
+PREPROCESS_VERSION = "open_rgb-alpha-dropped-high-bit-scaled+resize_cover-bilinear+centre-crop/2"
 
-    Raises ``InputError`` naming the file if it is not a readable image.
+
+def load_image(path: Path, resolution: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(3, R, R)`` pixels in [-1, 1]: read as ComfyUI's Load Image does, resized to cover, centre-cropped.
+
+    Raises ``InputError`` naming the file if it is not a readable image (or too large to open).
     """
     image = resize_cover(open_rgb(path), resolution, resolution)
     return pil_to_tensor(image, dtype)[0]
