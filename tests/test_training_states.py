@@ -1,0 +1,133 @@
+"""Training states never unpickle anything (CPU, ~15 s on two cores).
+
+Covers: pickle payloads planted under every file name a resume reads (never run, one-line error
+naming the file), states of the older pickled format, readable files whose content does not fit.
+"""
+
+import json
+import logging
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from aaa_core.checkpoint import read_safetensors, save_safetensors
+from aaa_core.dit import load_dit
+from test_training import argv, dataset, models, run  # noqa: F401 (fixtures)
+from training import export
+from training.state_files import load_tree, save_tree
+from training.train import main
+
+STATE_FILES = ["progress.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors",
+               "lr_scheduler.safetensors", "rng-rank0.safetensors"]
+OLD_FILES = ["optimizer.pt", "lr_scheduler.pt", "rng-rank0.pt"]  # what the pickled format 1 held
+
+
+class Payload:
+    """Unpickling this creates a marker file: what a hostile state file would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module")
+def saved(models, dataset, tmp_path_factory):  # noqa: F811
+    """A finished 2-step run (state step-000002) and its cache, to copy from."""
+    root = tmp_path_factory.mktemp("runs")
+    run(models, dataset, root / "saved", "--max-steps", 2, "--ema-decay", 0.9, cache=root / "cache")
+    return root / "saved", root / "cache"
+
+
+def copy_run(saved, tmp_path, name="run"):
+    out = tmp_path / name
+    shutil.copytree(saved[0], out)
+    return out
+
+
+def error_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def resume(models, dataset, out, cache, *extra):  # noqa: F811
+    return main(argv(models, dataset, out, "--resume", *extra, cache=cache))
+
+
+def test_state_tree_round_trip_keeps_keys_types_and_bits(tmp_path):
+    tree = {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3)}}, "groups": [{"betas": (0.9, 0.999),
+            "lr": 1 / 3, "fused": None, "name": "x", "nan": math.nan}], "empty": {}}
+    save_tree(tree, tmp_path / "t.safetensors")
+    back = load_tree(tmp_path / "t.safetensors")
+    assert list(back["state"]) == [0] and torch.equal(back["state"][0]["m"], tree["state"][0]["m"])
+    group = back["groups"][0]
+    assert group["betas"] == [0.9, 0.999] and group["lr"] == 1 / 3 and group["fused"] is None and math.isnan(group["nan"])
+    assert back["empty"] == {}
+
+
+@pytest.mark.parametrize("name", STATE_FILES)
+def test_pickle_payload_in_a_state_never_runs(models, dataset, saved, tmp_path, caplog, name):  # noqa: F811
+    marker = tmp_path / "payload-ran"
+    payload = tmp_path / "payload.pt"
+    torch.save(Payload(marker), payload)
+    torch.load(payload, weights_only=False)  # the payload is real: unpickled, it runs
+    assert marker.exists()
+    marker.unlink()
+
+    out = copy_run(saved, tmp_path)
+    state = out / "states" / "step-000002"
+    shutil.copy(payload, state / name)
+    assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1
+    assert not marker.exists()
+    [message] = error_lines(caplog)
+    assert str(state / name) in message and "\n" not in message
+    assert sorted(p.name for p in (out / "states").iterdir()) == ["step-000002"]  # nothing new written
+
+
+def test_state_of_the_older_pickled_format_is_refused_but_exportable(models, dataset, saved, tmp_path, caplog):  # noqa: F811
+    marker = tmp_path / "payload-ran"
+    out = copy_run(saved, tmp_path)
+    state = out / "states" / "step-000002"
+    progress = json.loads((state / "progress.json").read_text(encoding="utf-8"))
+    del progress["state_format"]
+    (state / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+    for name in ("optimizer.safetensors", "lr_scheduler.safetensors", "rng-rank0.safetensors"):
+        (state / name).unlink()
+    for name in OLD_FILES:
+        (state / name).write_bytes(pickle.dumps(Payload(marker)))
+
+    for how in ([], [state]):  # --resume and --resume STATE
+        caplog.clear()
+        assert main(argv(models, dataset, out, "--resume", *how, "--max-steps", 3, cache=saved[1])) == 1
+        [message] = error_lines(caplog)
+        assert f"state {state} was written by an older version of the trainer" in message
+        assert "--output-dir" in message and "python -m training.export" in message
+    assert not marker.exists()
+
+    # The way out the message gives: its weights still export (only safetensors and JSON are read).
+    assert export.main([str(state), str(tmp_path / "raw.safetensors"), "--weights", "raw"]) == 0
+    assert load_dit(tmp_path / "raw.safetensors").config.dim == 64
+    assert not marker.exists()
+
+
+def test_valid_files_that_do_not_fit_the_run_are_named(models, dataset, saved, tmp_path, caplog):  # noqa: F811
+    """Readable state files whose content does not fit (a moment of the wrong shape, weights of another size)."""
+    out = copy_run(saved, tmp_path)
+    state = out / "states" / "step-000002"
+    optimizer = load_tree(state / "optimizer.safetensors")
+    optimizer["state"][0]["exp_avg"] = torch.zeros(3, 5)
+    save_tree(optimizer, state / "optimizer.safetensors")
+    assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1
+    [message] = error_lines(caplog)
+    assert message.startswith(f"{state / 'optimizer.safetensors'}: exp_avg has shape (3, 5) for a parameter of shape")
+
+    caplog.clear()
+    weights, _ = read_safetensors(state / "model.safetensors")
+    save_safetensors(dict(list(weights.items())[1:]), state / "model.safetensors")  # one tensor short
+    assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1
+    [message] = error_lines(caplog)
+    assert message.startswith(f"{state / 'model.safetensors'}: keys do not match the model: 1 missing")
