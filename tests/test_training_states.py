@@ -1,7 +1,8 @@
-"""Training states never unpickle anything (CPU, ~15 s on two cores).
+"""Training states never unpickle anything, and an output folder holds one run (CPU, ~25 s on two cores).
 
 Covers: pickle payloads planted under every file name a resume reads (never run, one-line error
-naming the file), states of the older pickled format, readable files whose content does not fit.
+naming the file), states of the older pickled format, a fresh run refused in a used folder,
+``--overwrite``, pruning and ``--resume`` limited to the folder's own run, stale temp files swept.
 """
 
 import json
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaa_core.checkpoint import read_safetensors, save_safetensors
+from aaa_core.checkpoint import atomic_output, read_safetensors, save_safetensors
 from aaa_core.dit import load_dit
+from aaa_core.errors import InputError
 from test_training import argv, dataset, models, run  # noqa: F401 (fixtures)
 from training import export
+from training.config import parse_config
 from training.state_files import load_tree, save_tree
 from training.train import main
 
@@ -91,9 +94,10 @@ def test_pickle_payload_in_a_state_never_runs(models, dataset, saved, tmp_path, 
 def test_state_of_the_older_pickled_format_is_refused_but_exportable(models, dataset, saved, tmp_path, caplog):  # noqa: F811
     marker = tmp_path / "payload-ran"
     out = copy_run(saved, tmp_path)
+    (out / "run.json").unlink()  # the older trainer wrote none
     state = out / "states" / "step-000002"
     progress = json.loads((state / "progress.json").read_text(encoding="utf-8"))
-    del progress["state_format"]
+    del progress["state_format"], progress["run_id"]
     (state / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
     for name in ("optimizer.safetensors", "lr_scheduler.safetensors", "rng-rank0.safetensors"):
         (state / name).unlink()
@@ -105,13 +109,62 @@ def test_state_of_the_older_pickled_format_is_refused_but_exportable(models, dat
         assert main(argv(models, dataset, out, "--resume", *how, "--max-steps", 3, cache=saved[1])) == 1
         [message] = error_lines(caplog)
         assert f"state {state} was written by an older version of the trainer" in message
-        assert "--output-dir" in message and "python -m training.export" in message
+        assert "--overwrite" in message and "python -m training.export" in message
     assert not marker.exists()
 
     # The way out the message gives: its weights still export (only safetensors and JSON are read).
     assert export.main([str(state), str(tmp_path / "raw.safetensors"), "--weights", "raw"]) == 0
     assert load_dit(tmp_path / "raw.safetensors").config.dim == 64
     assert not marker.exists()
+
+
+def test_fresh_run_in_a_used_folder_is_refused_and_overwrite_replaces_it(models, dataset, saved, tmp_path, caplog):  # noqa: F811
+    out = copy_run(saved, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(argv(models, dataset, out, "--max-steps", 3, cache=saved[1])) == 1
+    [message] = error_lines(caplog)
+    assert message.startswith(f"{out}: already holds 2 saved states or checkpoints of another run")
+    assert all(way in message for way in ("--resume", "--output-dir", "--overwrite"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not a byte changed
+
+    old_run = json.loads((out / "run.json").read_text(encoding="utf-8"))["run_id"]
+    summary = run(models, dataset, out, "--overwrite", "--max-steps", 3, "--save-every", 1, cache=saved[1])
+    new_run = json.loads((out / "run.json").read_text(encoding="utf-8"))["run_id"]
+    assert summary.step == 3 and new_run != old_run
+    assert sorted(p.name for p in (out / "states").iterdir()) == ["step-000002", "step-000003"]  # keep_states 2
+    for state in (out / "states").iterdir():
+        assert json.loads((state / "progress.json").read_text(encoding="utf-8"))["run_id"] == new_run
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == [f"run-step-00000{i}.safetensors" for i in (1, 2, 3)]
+    assert all(read_safetensors(p)[1]["aaa_run_id"] == new_run for p in checkpoints)
+    assert "overwrite" not in (out / "config.toml").read_text(encoding="utf-8")  # re-running it never deletes
+    with pytest.raises(InputError, match="--overwrite deletes the states --resume would continue from"):
+        parse_config(argv(models, dataset, out, "--overwrite", "--resume"))
+
+
+def test_resume_continues_this_folders_run_and_sweeps_stale_temp_files(models, dataset, saved, tmp_path, caplog):  # noqa: F811
+    caplog.set_level(logging.INFO)
+    out = copy_run(saved, tmp_path)
+    states = out / "states"
+    foreign = states / "step-000010"  # a newer state of another run, e.g. copied in by hand
+    shutil.copytree(states / "step-000002", foreign)
+    progress = json.loads((foreign / "progress.json").read_text(encoding="utf-8"))
+    (foreign / "progress.json").write_text(json.dumps({**progress, "run_id": "another-run", "step": 10}), encoding="utf-8")
+    # What a kill -9 during saves leaves: a half-built state folder and atomic writes never renamed.
+    (states / ".step-000003.tmp").mkdir()
+    (states / ".step-000003.tmp" / "model.safetensors").write_bytes(b"half")
+    killed = [atomic_output(out / "checkpoints" / "run-step-000003.safetensors"), atomic_output(out / "config.toml")]
+    temps = [writer.__enter__() for writer in killed]  # entered, never finished: their temp names stay
+    for tmp in temps:
+        tmp.write_bytes(b"partial")
+
+    assert resume(models, dataset, out, saved[1], "--max-steps", 4, "--save-every", 1, "--keep-states", 1) == 0
+    assert f"resumed from {states / 'step-000002'} at step 2" in caplog.text
+    assert sorted(p.name for p in states.iterdir()) == ["step-000004", "step-000010"]  # the other run's is untouched
+    assert json.loads((foreign / "progress.json").read_text(encoding="utf-8"))["step"] == 10
+    assert not any(tmp.exists() for tmp in temps) and not (states / ".step-000003.tmp").exists()
+    assert f"deleted {temps[0]} (left by an interrupted save)" in caplog.text
+    del killed
 
 
 def test_valid_files_that_do_not_fit_the_run_are_named(models, dataset, saved, tmp_path, caplog):  # noqa: F811
@@ -131,3 +184,15 @@ def test_valid_files_that_do_not_fit_the_run_are_named(models, dataset, saved, t
     assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1
     [message] = error_lines(caplog)
     assert message.startswith(f"{state / 'model.safetensors'}: keys do not match the model: 1 missing")
+
+
+def test_a_save_never_replaces_another_runs_state(models, dataset, saved, tmp_path, caplog):  # noqa: F811
+    out = copy_run(saved, tmp_path)
+    foreign = out / "states" / "step-000003"
+    shutil.copytree(out / "states" / "step-000002", foreign)
+    progress = json.loads((foreign / "progress.json").read_text(encoding="utf-8"))
+    (foreign / "progress.json").write_text(json.dumps({**progress, "run_id": "another-run", "step": 3}), encoding="utf-8")
+    assert resume(models, dataset, out, saved[1], "--max-steps", 4, "--save-every", 1) == 1
+    [message] = error_lines(caplog)
+    assert message.startswith(f"{foreign}: belongs to another run; not replacing it")
+    assert json.loads((foreign / "progress.json").read_text(encoding="utf-8"))["run_id"] == "another-run"

@@ -7,11 +7,11 @@
 - ``states/step-NNNNNN/``: everything a resumed run needs to continue bit for bit: raw and EMA
   weights in full precision (``model``/``ema.safetensors``), AdamW and LR-scheduler states
   (``optimizer``/``lr_scheduler.safetensors``), every process's RNG states
-  (``rng-rankR.safetensors``), and ``progress.json`` (format, step, config, data
+  (``rng-rankR.safetensors``), and ``progress.json`` (format, run id, step, config, data
   fingerprint). Nothing is pickled (``state_files.py``), so a state someone hands you cannot run
   code. It is written into a hidden temporary folder that is renamed into place only when
   complete, so a crash or Ctrl-C during a save never leaves a half-written state; the newest
-  complete one is what ``--resume`` finds.
+  complete one of this folder's run is what ``--resume`` finds.
 
 ``python -m training.export STATE_DIR OUT.safetensors --weights raw`` turns any state into a
 loadable file (for example the raw weights of an EMA run).
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 STATE_PATTERN = re.compile(r"^step-(\d+)$")
 PROGRESS_FILE = "progress.json"  # written last: a state folder without it is not a state
 # Version of the state folder's layout, in progress.json. 1 (no entry): pickled .pt files, no
-# longer read; 2: safetensors only.
+# longer read; 2: safetensors only, with the run id.
 STATE_FORMAT = 2
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -53,10 +53,13 @@ def save_weights(
     step: int,
     weights: str,
     dtype: torch.dtype,
+    run_id: str = "",
 ) -> Path:
     """Writes a strictly loadable AAADiT file atomically (keys unchanged, floats cast to ``dtype``)."""
     tensors = {k: v.detach().to(dtype) for k, v in state_dict.items()}
     metadata = {CONFIG_METADATA_KEY: config.to_json(), "aaa_step": str(step), "aaa_weights": weights}
+    if run_id:
+        metadata["aaa_run_id"] = run_id
     save_safetensors(tensors, path, metadata)
     return path
 
@@ -98,9 +101,15 @@ def save_state(
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Writes a complete training state (called on every process), then keeps the newest ``keep``."""
+    """Writes a complete training state (called on every process), then keeps this run's newest ``keep``.
+
+    ``progress`` must hold the ``run_id``: pruning and replacing touch only that run's states.
+    """
+    run_id = progress["run_id"]
     final = states_dir / f"step-{step:06d}"
     tmp = states_dir / f".{final.name}.tmp"  # the same name on every process; is_temp_file() knows it
+    if final.exists() and state_run_id(final) != run_id:  # checked on every process, so all stop together
+        raise InputError(f"{final}: belongs to another run; not replacing it (start this run in another --output-dir)")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
         tmp.mkdir(parents=True)
@@ -119,7 +128,7 @@ def save_state(
         if final.exists():  # the same step saved before (a resumed run re-saving): replace it
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_states(states_dir)[:-keep]:
+        for old in run_states(states_dir, run_id)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -136,14 +145,28 @@ def list_states(states_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_state(resume: str, states_dir: Path) -> Path | None:
-    """The state to resume from: the newest one for ``latest`` (None if there is none yet), or a given folder."""
+def state_run_id(state: Path) -> str | None:
+    """The run a state belongs to; None for states of the older format or with a damaged progress.json."""
+    try:
+        return read_progress(state).get("run_id")
+    except InputError as err:
+        log.warning("%s", err)
+        return None
+
+
+def run_states(states_dir: Path, run_id: str | None) -> list[Path]:
+    """The complete states of one run, oldest first."""
+    return [s for s in list_states(states_dir) if run_id is not None and state_run_id(s) == run_id]
+
+
+def find_state(resume: str, states_dir: Path, run_id: str | None) -> Path | None:
+    """The state to resume from: for ``latest`` the newest of run ``run_id`` (None if it has none yet), or a given folder."""
     if resume == "latest":
         states = list_states(states_dir)
-        if not states:
-            return None
-        check_state_format(states[-1])  # a state of the older format: say so
-        return states[-1]
+        mine = run_states(states_dir, run_id)
+        if not mine and states:
+            check_state_format(states[-1])  # a folder of the older format: say so instead of starting afresh
+        return mine[-1] if mine else None
     path = Path(resume).expanduser()
     if not (path / PROGRESS_FILE).is_file():
         raise InputError(f"{path}: not a training state folder (no {PROGRESS_FILE}); states are in OUTPUT_DIR/states/step-N")
@@ -176,7 +199,7 @@ def check_state_format(state: Path) -> dict[str, Any]:
     if isinstance(found, int) and found < STATE_FORMAT:
         raise InputError(
             f"state {state} was written by an older version of the trainer (format {found}: pickled files, which are "
-            f"not read because loading them can run code); start a fresh run in another --output-dir, "
+            f"not read because loading them can run code); start a fresh run (--overwrite or another --output-dir), "
             f"or keep its weights: python -m training.export {state} raw.safetensors --weights raw, then --init-from raw.safetensors"
         )
     raise InputError(f"state {state} has format {found!r}, this trainer reads format {STATE_FORMAT}; update the trainer")
@@ -254,7 +277,7 @@ def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str =
         raise InputError(f"{state}: has no {weights} weights ({source.name} missing)")
     tensors, _ = read_state_tensors(source)
     config = AAADiTConfig(**json.loads(progress["model_config"]))
-    return save_weights(tensors, output, config, progress["step"], weights, SAVE_DTYPES[dtype])
+    return save_weights(tensors, output, config, progress["step"], weights, SAVE_DTYPES[dtype], progress.get("run_id", ""))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

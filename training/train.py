@@ -9,6 +9,8 @@ Several machines (run on each machine with its own --machine_rank; OUTPUT_DIR on
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m training --config training/configs/pokemon.toml
 Continue after Ctrl-C, a crash or a time limit (Ctrl-C and SIGTERM save first):
     python -m training --config training/configs/pokemon.toml --resume
+Start afresh in a folder that holds another run (deletes its states and checkpoints):
+    python -m training --config training/configs/pokemon.toml --overwrite
 Fine-tune the published step-600000 instead of starting from random weights:
     python -m training --config training/configs/pokemon.toml --init-from published --lr 2e-5
 
@@ -51,6 +53,7 @@ from .data import Skipped, find_samples, report_skipped
 from .interrupt import StopRequest
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, peak_flops, training_flops_per_sample
+from .run_folder import claim_output_dir, folder_run_id
 from .samples import render_grid, write_prompt_list
 
 log = logging.getLogger("training")
@@ -91,6 +94,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    # Which state to continue and which run owns the folder, before anything is written into it.
+    state = find_state(cfg.resume, out / "states", folder_run_id(out)) if cfg.resume else None
+    run_id = claim_output_dir(out, read_progress(state)["run_id"] if state else None, cfg.overwrite, is_main, barrier)
     log_file = _log_to_file(out / "train.log", is_main)
     if is_main:
         write_text_atomic(out / "config.toml", cfg.to_toml())
@@ -124,7 +130,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
                  len(data), len(data.latents), len(data.text), latent_channels, latent_h, latent_w, text_tokens, text_dim)
 
         # ------------------------------------------------------------ model
-        state = find_state(cfg.resume, out / "states") if cfg.resume else None
         if cfg.resume and state is None:
             log.info("--resume: no saved state in %s yet; starting from the beginning", out / "states")
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -200,9 +205,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
             if is_main:
                 weights = (ema if ema is not None else unwrapped).state_dict()
                 checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
-                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema is not None else "raw", SAVE_DTYPES[cfg.save_dtype])
+                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema is not None else "raw",
+                             SAVE_DTYPES[cfg.save_dtype], run_id)
             progress = {
-                "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
+                "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
                 "data_fingerprint": data.fingerprint, "world_size": world,
             }
             state_dir = save_state(out / "states", step, unwrapped, ema, optimizer, lr_scheduler, progress,
