@@ -2,13 +2,18 @@
 
 One GPU (or the CPU):
     python -m training --config training/configs/pokemon.toml
-Several GPUs on one machine (accelerate/DDP does the distribution; nothing else changes):
+Several GPUs on one machine (accelerate/DDP does the distribution; nothing else changes; --device cpu
+runs the processes on the CPU; a second launch on the same machine needs its own --main_process_port):
     accelerate launch --multi_gpu --num_processes 8 -m training --config training/configs/pokemon.toml
 Several machines (run on each machine with its own --machine_rank; OUTPUT_DIR on a shared disk):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m training --config training/configs/pokemon.toml
 Continue after Ctrl-C, a crash or a time limit (Ctrl-C and SIGTERM save first):
     python -m training --config training/configs/pokemon.toml --resume
+Stop a launched run: signal the training processes, ``pkill -TERM -P LAUNCHER_PID``; they save and
+the launcher exits 0. Ctrl-C or SIGTERM on the launcher saves too, but torchrun then reports its own
+signal as a failure (SignalException traceback, exit 1), and it kills processes still saving after
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30; raise it for large states or slow disks).
 Start afresh in a folder that holds another run (deletes its states and checkpoints):
     python -m training --config training/configs/pokemon.toml --overwrite
 Fine-tune the published step-600000 instead of starting from random weights:
@@ -295,6 +300,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 if stopping:
                     stopped = True
                     log.warning("stopped at step %d; continue with --resume", step)
+                    if is_main and "TORCHELASTIC_RUN_ID" in os.environ:  # started by accelerate launch / torchrun
+                        log.warning("the state is complete; if the launcher itself was signalled, it now prints a "
+                                    "SignalException traceback and exits 1: that is torchrun reporting the signal")
                     break
 
         # ------------------------------------------------------------ final checkpoint
