@@ -168,7 +168,7 @@ def test_resume_continues_this_folders_run_and_sweeps_stale_temp_files(models, d
 
 
 def test_valid_files_that_do_not_fit_the_run_are_named(models, dataset, saved, tmp_path, caplog):  # noqa: F811
-    """Readable state files whose content does not fit (a moment of the wrong shape, weights of another size)."""
+    """Readable state files whose content does not fit (a moment of the wrong shape, a missing tensor, bad sizes)."""
     out = copy_run(saved, tmp_path)
     state = out / "states" / "step-000002"
     optimizer = load_tree(state / "optimizer.safetensors")
@@ -184,6 +184,13 @@ def test_valid_files_that_do_not_fit_the_run_are_named(models, dataset, saved, t
     assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1
     [message] = error_lines(caplog)
     assert message.startswith(f"{state / 'model.safetensors'}: keys do not match the model: 1 missing")
+
+    caplog.clear()
+    progress = json.loads((state / "progress.json").read_text(encoding="utf-8"))
+    (state / "progress.json").write_text(json.dumps({**progress, "model_config": "[64, 2]"}), encoding="utf-8")
+    assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1
+    [message] = error_lines(caplog)
+    assert message.startswith(f"{state / 'progress.json'}: no usable model_config (TypeError")
 
 
 def test_a_save_never_replaces_another_runs_state(models, dataset, saved, tmp_path, caplog):  # noqa: F811

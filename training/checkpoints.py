@@ -195,6 +195,11 @@ def check_state_format(state: Path) -> dict[str, Any]:
     progress = read_progress(state)
     found = progress.get("state_format", 1)
     if found == STATE_FORMAT:
+        step, run_id = progress.get("step"), progress.get("run_id")
+        if not (isinstance(step, int) and step >= 0 and isinstance(run_id, str) and run_id):
+            raise InputError(f"{state / PROGRESS_FILE}: needs a step (integer >= 0) and a run_id (text), "
+                             f"found {step!r} and {run_id!r}; {DAMAGED}")
+        state_model_config(state, progress)
         return progress
     if isinstance(found, int) and found < STATE_FORMAT:
         raise InputError(
@@ -203,6 +208,15 @@ def check_state_format(state: Path) -> dict[str, Any]:
             f"or keep its weights: python -m training.export {state} raw.safetensors --weights raw, then --init-from raw.safetensors"
         )
     raise InputError(f"state {state} has format {found!r}, this trainer reads format {STATE_FORMAT}; update the trainer")
+
+
+def state_model_config(state: Path, progress: dict[str, Any] | None = None) -> AAADiTConfig:
+    """The DiT sizes a state was saved with (its progress record's ``model_config``)."""
+    progress = read_progress(state) if progress is None else progress
+    try:
+        return AAADiTConfig(**json.loads(progress["model_config"]))
+    except (AAAError, KeyError, TypeError, ValueError) as err:  # missing, not JSON, not an object, unknown or bad sizes
+        raise InputError(f"{state / PROGRESS_FILE}: no usable model_config ({type(err).__name__}: {err}); {DAMAGED}") from None
 
 
 def load_state(
@@ -276,8 +290,8 @@ def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str =
     if not source.is_file():
         raise InputError(f"{state}: has no {weights} weights ({source.name} missing)")
     tensors, _ = read_state_tensors(source)
-    config = AAADiTConfig(**json.loads(progress["model_config"]))
-    return save_weights(tensors, output, config, progress["step"], weights, SAVE_DTYPES[dtype], progress.get("run_id", ""))
+    config = state_model_config(state, progress)
+    return save_weights(tensors, output, config, progress.get("step", 0), weights, SAVE_DTYPES[dtype], progress.get("run_id", ""))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

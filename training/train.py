@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -52,7 +51,9 @@ from aaa_core.vae import load_vae
 
 from .batches import BatchOrder
 from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, encoder_dtype_for
-from .checkpoints import SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, write_text_atomic
+from .checkpoints import (
+    SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, write_text_atomic,
+)
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
 from .interrupt import StopRequest
@@ -141,7 +142,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         if state is not None:  # sizes from the state; the weights are loaded below
-            model = AAADiT(AAADiTConfig(**json.loads(read_progress(state)["model_config"])))
+            model = AAADiT(state_model_config(state))
         elif cfg.init_from:
             model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
             log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
