@@ -179,6 +179,13 @@ def test_valid_files_that_do_not_fit_the_run_are_named(models, dataset, saved, t
     assert message.startswith(f"{state / 'optimizer.safetensors'}: exp_avg has shape (3, 5) for a parameter of shape")
 
     caplog.clear()
+    shutil.copy(saved[0] / "states" / "step-000002" / "optimizer.safetensors", state)
+    save_tree({"torch": torch.zeros(3, dtype=torch.uint8)}, state / "rng-rank0.safetensors")  # a tree, not RNG states
+    assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1
+    [message] = error_lines(caplog)
+    assert message.startswith(f"{state / 'rng-rank0.safetensors'}: does not hold RNG states this run can use ('python')")
+
+    caplog.clear()
     weights, _ = read_safetensors(state / "model.safetensors")
     save_safetensors(dict(list(weights.items())[1:]), state / "model.safetensors")  # one tensor short
     assert resume(models, dataset, out, saved[1], "--max-steps", 3) == 1

@@ -243,13 +243,11 @@ def load_state(
             ema.load_state_dict(model.state_dict())
     for target, name, on in ((optimizer, "optimizer", device), (lr_scheduler, "lr_scheduler", "cpu")):
         path = state / f"{name}.safetensors"
-        tree = load_tree(path, on)
-        _restore(lambda: target.load_state_dict(tree), path, f"the {name} state")
+        _restore(target.load_state_dict, load_tree(path, on), path, f"the {name} state")
     _check_optimizer_shapes(optimizer, state / "optimizer.safetensors")
     rng_file = state / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
-        tree = load_tree(rng_file)
-        _restore(lambda: _set_rng_state(tree), rng_file, "RNG states")
+        _restore(_set_rng_state, load_tree(rng_file), rng_file, "RNG states")
     else:
         log.warning("%s has no RNG state for process %d (was it saved with fewer processes?)", state, rank)
     return progress
@@ -274,10 +272,10 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, path: Path) -> Non
                                      f"{tuple(param.shape)}; {DAMAGED}")
 
 
-def _restore(apply: Callable[[], Any], path: Path, what: str) -> None:
-    """Runs ``apply``; a structure that does not fit is a one-line error naming the file, not a torch traceback."""
+def _restore(apply: Callable[[Any], Any], tree: Any, path: Path, what: str) -> None:
+    """``apply(tree)``; a structure that does not fit is a one-line error naming the file, not a torch traceback."""
     try:
-        apply()
+        apply(tree)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{path}: does not hold {what} this run can use ({reason}); {DAMAGED}") from None
