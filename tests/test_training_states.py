@@ -210,3 +210,22 @@ def test_a_save_never_replaces_another_runs_state(models, dataset, saved, tmp_pa
     [message] = error_lines(caplog)
     assert message.startswith(f"{foreign}: belongs to another run; not replacing it")
     assert json.loads((foreign / "progress.json").read_text(encoding="utf-8"))["run_id"] == "another-run"
+
+
+@pytest.mark.parametrize("blocker", ["out", "states", "config.toml"])
+def test_an_output_folder_the_run_cannot_write_is_refused_up_front(models, dataset, saved, tmp_path, caplog, blocker):  # noqa: F811
+    out = tmp_path / "run"
+    if blocker == "out":
+        out.write_text("a file where the run folder should be", encoding="utf-8")
+        expected = f"{out}: cannot be the output folder (File exists)"
+    elif blocker == "states":
+        out.mkdir()
+        (out / blocker).write_text("a file where a folder belongs", encoding="utf-8")
+        expected = f"{out / blocker}: the trainer writes a folder here"
+    else:
+        (out / blocker).mkdir(parents=True)
+        expected = f"{out / blocker}: the trainer writes a file here"
+    assert main(argv(models, dataset, out, "--max-steps", 1, cache=saved[1])) == 1
+    [message] = error_lines(caplog)
+    assert message.startswith(expected)
+    assert not (out.is_dir() and (out / "run.json").exists())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 # What --overwrite deletes: everything the trainer writes into OUTPUT_DIR except the encoding cache.
-RUN_OUTPUTS = ("states", "checkpoints", "samples", "tensorboard", "train.log", "config.toml", RUN_FILE)
+RUN_FOLDERS = ("states", "checkpoints", "samples", "tensorboard")
+RUN_FILES = ("train.log", "config.toml", RUN_FILE)
+RUN_OUTPUTS = RUN_FOLDERS + RUN_FILES
 TEMP_FOLDERS = (".", "states", "checkpoints", "samples")  # where atomic writes put their temporary files
 
 
@@ -62,6 +65,7 @@ def claim_output_dir(
     process deletes the previous run's outputs (``overwrite``), sweeps temporary files and writes
     run.json, and every process reads the id back from it.
     """
+    _check_usable(out, overwrite)
     owned = run_id is not None and folder_run_id(out) == run_id
     previous = [] if owned else saved_outputs(out)
     if previous and not overwrite:
@@ -80,6 +84,21 @@ def claim_output_dir(
         write_text_atomic(out / RUN_FILE, json.dumps({"run_id": run_id or uuid.uuid4().hex}) + "\n")
     barrier()
     return json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+
+
+def _check_usable(out: Path, overwrite: bool) -> None:
+    """Creates ``out``; refuses one the run could not write into (checked on every process, before any writes)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out}: cannot be the output folder ({err.strerror or err}); pick another --output-dir") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"{out}: the output folder is not writable; pick another --output-dir")
+    for name in () if overwrite else RUN_OUTPUTS:  # --overwrite deletes whatever is there
+        path = out / name
+        if path.exists() and path.is_dir() != (name in RUN_FOLDERS):
+            expected = "a folder" if name in RUN_FOLDERS else "a file"
+            raise InputError(f"{path}: the trainer writes {expected} here; move it away or pick another --output-dir")
 
 
 def _delete_previous_run(out: Path) -> None:

@@ -99,7 +99,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
 
     out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     # Which state to continue and which run owns the folder, before anything is written into it.
     state = find_state(cfg.resume, out / "states", folder_run_id(out)) if cfg.resume else None
     run_id = claim_output_dir(out, read_progress(state)["run_id"] if state else None, cfg.overwrite, is_main, barrier)
