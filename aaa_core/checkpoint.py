@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -168,6 +169,30 @@ def atomic_output(path: "str | os.PathLike[str]") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_temp_file(path: "str | os.PathLike[str]") -> bool:
+    """True for a temporary name left by an interrupted atomic write: hidden and ending in ``.tmp``.
+
+    :func:`atomic_output` names its files ``.NAME.<pid>.<random>.tmp``; the trainer's state
+    folders are built as ``.step-N.tmp``. Both match, so one sweep finds what a kill left.
+    """
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def sweep_temp_files(folder: "str | os.PathLike[str]") -> list[Path]:
+    """Deletes the temporary files and folders a killed writer left directly in ``folder``; returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    swept = sorted(p for p in folder.iterdir() if is_temp_file(p))
+    for path in swept:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return swept
 
 
 def _default_file_mode() -> int:

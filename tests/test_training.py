@@ -7,6 +7,7 @@ bad inputs reported by name, data layouts, the data order, the config file, fine
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from training.checkpoints import export_weights
 from training.config import TrainConfig, parse_config
 from training.data import find_samples
 from training.loss import flow_matching_loss
+from training.state_files import load_tree
 from training.train import main, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,8 +195,8 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(models, dataset, tmp_path
         a, _ = read_safetensors(full.state / name)
         b, _ = read_safetensors(resumed.state / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    opt_a = torch.load(full.state / "optimizer.pt")["state"]
-    opt_b = torch.load(resumed.state / "optimizer.pt")["state"]
+    opt_a = load_tree(full.state / "optimizer.safetensors")["state"]
+    opt_b = load_tree(resumed.state / "optimizer.safetensors")["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     assert resumed.losses[-1] == full.losses[-1]
 
@@ -255,14 +257,24 @@ def test_module_entry_point_and_user_errors(models, tmp_path, caplog):
     assert "training data not found" in caplog.text
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_share_encoding_and_save_one_state(models, dataset, tmp_path):
-    """DDP over gloo on the CPU: what `accelerate launch` sets up on GPUs, through the same code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
-               *argv(models, dataset, tmp_path / "ddp", "--max-steps", 3, "--batch-size", 2, "--device", "cpu")]
+    """The README's command, `accelerate launch --multi_gpu --num_processes 2 -m training ... --device cpu`:
+    DDP over gloo, what accelerate sets up on GPUs, through the same code; the launcher exits 0."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),  # the default 29500 collides with any other launch on the machine
+               "-m", "training", *argv(models, dataset, tmp_path / "ddp", "--max-steps", 3, "--batch-size", 2, "--device", "cpu")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     state = tmp_path / "ddp" / "states" / "step-000003"
-    assert (state / "rng-rank0.pt").is_file() and (state / "rng-rank1.pt").is_file()
+    assert (state / "rng-rank0.safetensors").is_file() and (state / "rng-rank1.safetensors").is_file()
     assert load_dit(tmp_path / "ddp" / "checkpoints" / "ddp-step-000003.safetensors").config.dim == 64
     assert "4 samples per step (2 x 1 accumulation x 2 processes)" in result.stderr
 

@@ -5,10 +5,13 @@
   the step and which weights (``ema`` or ``raw``) in the metadata. With EMA on it holds the EMA
   weights, the ones to sample with; the raw weights stay in the training states.
 - ``states/step-NNNNNN/``: everything a resumed run needs to continue bit for bit: raw and EMA
-  weights in full precision, AdamW and LR-scheduler states, every process's RNG states, and
-  ``progress.json`` (step, config, data fingerprint). It is written into a hidden temporary
-  folder that is renamed into place only when complete, so a crash or Ctrl-C during a save
-  never leaves a half-written state; the newest complete one is what ``--resume`` finds.
+  weights in full precision (``model``/``ema.safetensors``), AdamW and LR-scheduler states
+  (``optimizer``/``lr_scheduler.safetensors``), every process's RNG states
+  (``rng-rankR.safetensors``), and ``progress.json`` (format, run id, step, config, data
+  fingerprint). Nothing is pickled (``state_files.py``), so a state someone hands you cannot run
+  code. It is written into a hidden temporary folder that is renamed into place only when
+  complete, so a crash or Ctrl-C during a save never leaves a half-written state; the newest
+  complete one of this folder's run is what ``--resume`` finds.
 
 ``python -m training.export STATE_DIR OUT.safetensors --weights raw`` turns any state into a
 loadable file (for example the raw weights of an EMA run).
@@ -27,14 +30,19 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from aaa_core.checkpoint import atomic_output, read_safetensors, save_safetensors
+from aaa_core.checkpoint import atomic_output, check_state_dict_matches, save_safetensors
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
-from aaa_core.errors import InputError
+from aaa_core.errors import AAAError, InputError
+
+from .state_files import DAMAGED, load_tree, read_state_tensors, save_tree
 
 log = logging.getLogger(__name__)
 
 STATE_PATTERN = re.compile(r"^step-(\d+)$")
 PROGRESS_FILE = "progress.json"  # written last: a state folder without it is not a state
+# Version of the state folder's layout, in progress.json. 1 (no entry): pickled .pt files, no
+# longer read; 2: safetensors only, with the run id.
+STATE_FORMAT = 2
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -45,24 +53,37 @@ def save_weights(
     step: int,
     weights: str,
     dtype: torch.dtype,
+    run_id: str = "",
 ) -> Path:
     """Writes a strictly loadable AAADiT file atomically (keys unchanged, floats cast to ``dtype``)."""
     tensors = {k: v.detach().to(dtype) for k, v in state_dict.items()}
     metadata = {CONFIG_METADATA_KEY: config.to_json(), "aaa_step": str(step), "aaa_weights": weights}
+    if run_id:
+        metadata["aaa_run_id"] = run_id
     save_safetensors(tensors, path, metadata)
     return path
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain numbers (the python and numpy tuples taken apart)."""
+    version, python_state, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -80,27 +101,34 @@ def save_state(
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Writes a complete training state (called on every process), then keeps the newest ``keep``."""
+    """Writes a complete training state (called on every process), then keeps this run's newest ``keep``.
+
+    ``progress`` must hold the ``run_id``: pruning and replacing touch only that run's states.
+    """
+    run_id = progress["run_id"]
     final = states_dir / f"step-{step:06d}"
-    tmp = states_dir / f".step-{step:06d}.tmp"  # the same name on every process
+    tmp = states_dir / f".{final.name}.tmp"  # the same name on every process; is_temp_file() knows it
+    if final.exists() and state_run_id(final) != run_id:  # checked on every process, so all stop together
+        raise InputError(f"{final}: belongs to another run; not replacing it (start this run in another --output-dir)")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    save_tree(_rng_state(), tmp / f"rng-rank{rank}.safetensors")
     if rank == 0:
         save_safetensors(model.state_dict(), tmp / "model.safetensors")
         if ema is not None:
             save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=1), encoding="utf-8")
+        save_tree(optimizer.state_dict(), tmp / "optimizer.safetensors")
+        save_tree(lr_scheduler.state_dict(), tmp / "lr_scheduler.safetensors")
+        record = {"state_format": STATE_FORMAT, **progress}
+        (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     barrier()
     if rank == 0:
         if final.exists():  # the same step saved before (a resumed run re-saving): replace it
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_states(states_dir)[:-keep]:
+        for old in run_states(states_dir, run_id)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -117,19 +145,78 @@ def list_states(states_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_state(resume: str, states_dir: Path) -> Path | None:
-    """The state to resume from: the newest one for ``latest`` (None if there is none yet), or a given folder."""
+def state_run_id(state: Path) -> str | None:
+    """The run a state belongs to; None for states of the older format or with a damaged progress.json."""
+    try:
+        return read_progress(state).get("run_id")
+    except InputError as err:
+        log.warning("%s", err)
+        return None
+
+
+def run_states(states_dir: Path, run_id: str | None) -> list[Path]:
+    """The complete states of one run, oldest first."""
+    return [s for s in list_states(states_dir) if run_id is not None and state_run_id(s) == run_id]
+
+
+def find_state(resume: str, states_dir: Path, run_id: str | None) -> Path | None:
+    """The state to resume from: for ``latest`` the newest of run ``run_id`` (None if it has none yet), or a given folder."""
     if resume == "latest":
         states = list_states(states_dir)
-        return states[-1] if states else None
+        mine = run_states(states_dir, run_id)
+        if not mine and states:
+            check_state_format(states[-1])  # a folder of the older format: say so instead of starting afresh
+        return mine[-1] if mine else None
     path = Path(resume).expanduser()
     if not (path / PROGRESS_FILE).is_file():
         raise InputError(f"{path}: not a training state folder (no {PROGRESS_FILE}); states are in OUTPUT_DIR/states/step-N")
+    check_state_format(path)
     return path
 
 
 def read_progress(state: Path) -> dict[str, Any]:
-    return json.loads((state / PROGRESS_FILE).read_text(encoding="utf-8"))
+    """A state's progress record (JSON); a damaged one is a one-line InputError naming it."""
+    path = state / PROGRESS_FILE
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; {state} is not a training state") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err}); {DAMAGED}") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not isinstance(progress, dict):
+        raise InputError(f"{path}: holds {type(progress).__name__}, expected a JSON object; {DAMAGED}")
+    return progress
+
+
+def check_state_format(state: Path) -> dict[str, Any]:
+    """The progress record of a state this version can resume; older or newer layouts are a one-line InputError."""
+    progress = read_progress(state)
+    found = progress.get("state_format", 1)
+    if found == STATE_FORMAT:
+        step, run_id = progress.get("step"), progress.get("run_id")
+        if not (isinstance(step, int) and step >= 0 and isinstance(run_id, str) and run_id):
+            raise InputError(f"{state / PROGRESS_FILE}: needs a step (integer >= 0) and a run_id (text), "
+                             f"found {step!r} and {run_id!r}; {DAMAGED}")
+        state_model_config(state, progress)
+        return progress
+    if isinstance(found, int) and found < STATE_FORMAT:
+        raise InputError(
+            f"state {state} was written by an older version of the trainer (format {found}: pickled files, which are "
+            f"not read because loading them can run code); start a fresh run (--overwrite or another --output-dir), "
+            f"or keep its weights: python -m training.export {state} raw.safetensors --weights raw, then --init-from raw.safetensors"
+        )
+    raise InputError(f"state {state} has format {found!r}, this trainer reads format {STATE_FORMAT}; update the trainer")
+
+
+def state_model_config(state: Path, progress: dict[str, Any] | None = None) -> AAADiTConfig:
+    """The DiT sizes a state was saved with (its progress record's ``model_config``)."""
+    progress = read_progress(state) if progress is None else progress
+    try:
+        return AAADiTConfig(**json.loads(progress["model_config"]))
+    except (AAAError, KeyError, TypeError, ValueError) as err:  # missing, not JSON, not an object, unknown or bad sizes
+        raise InputError(f"{state / PROGRESS_FILE}: no usable model_config ({type(err).__name__}: {err}); {DAMAGED}") from None
 
 
 def load_state(
@@ -140,24 +227,58 @@ def load_state(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     rank: int = 0,
 ) -> dict[str, Any]:
-    """Restores everything ``save_state`` wrote (into already built objects); returns the progress record."""
+    """Restores everything ``save_state`` wrote (into already built objects); returns the progress record.
+
+    Only safetensors and JSON are read. A missing, damaged or unfitting file is a one-line
+    InputError naming it.
+    """
+    progress = check_state_format(state)
     device = next(model.parameters()).device
-    weights, _ = read_safetensors(state / "model.safetensors", device=device)
-    model.load_state_dict(weights)
+    _load_weights(model, state / "model.safetensors", device)
     if ema is not None:
         if (state / "ema.safetensors").is_file():
-            ema.load_state_dict(read_safetensors(state / "ema.safetensors", device=device)[0])
+            _load_weights(ema, state / "ema.safetensors", device)
         else:
             log.warning("%s has no EMA weights; the EMA starts from the current weights", state)
             ema.load_state_dict(model.state_dict())
-    optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=device, weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(state / "lr_scheduler.pt", weights_only=True))
-    rng_file = state / f"rng-rank{rank}.pt"
+    for target, name, on in ((optimizer, "optimizer", device), (lr_scheduler, "lr_scheduler", "cpu")):
+        path = state / f"{name}.safetensors"
+        _restore(target.load_state_dict, load_tree(path, on), path, f"the {name} state")
+    _check_optimizer_shapes(optimizer, state / "optimizer.safetensors")
+    rng_file = state / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))  # python/numpy states are plain tuples
+        _restore(_set_rng_state, load_tree(rng_file), rng_file, "RNG states")
     else:
         log.warning("%s has no RNG state for process %d (was it saved with fewer processes?)", state, rank)
-    return read_progress(state)
+    return progress
+
+
+def _load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:
+    weights, _ = read_state_tensors(path, device)
+    try:
+        check_state_dict_matches(model, weights, path)
+    except AAAError as err:
+        raise InputError(f"{err}; {DAMAGED}") from None
+    model.load_state_dict(weights)
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Per-parameter moments must have their parameter's shape (load_state_dict does not check; the next step would fail)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise InputError(f"{path}: {key} has shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(param.shape)}; {DAMAGED}")
+
+
+def _restore(apply: Callable[[Any], Any], tree: Any, path: Path, what: str) -> None:
+    """``apply(tree)``; a structure that does not fit is a one-line error naming the file, not a torch traceback."""
+    try:
+        apply(tree)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{path}: does not hold {what} this run can use ({reason}); {DAMAGED}") from None
 
 
 def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str = "bf16") -> Path:
@@ -166,9 +287,9 @@ def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str =
     source = state / ("ema.safetensors" if weights == "ema" else "model.safetensors")
     if not source.is_file():
         raise InputError(f"{state}: has no {weights} weights ({source.name} missing)")
-    tensors, _ = read_safetensors(source)
-    config = AAADiTConfig(**json.loads(progress["model_config"]))
-    return save_weights(tensors, output, config, progress["step"], weights, SAVE_DTYPES[dtype])
+    tensors, _ = read_state_tensors(source)
+    config = state_model_config(state, progress)
+    return save_weights(tensors, output, config, progress.get("step", 0), weights, SAVE_DTYPES[dtype], progress.get("run_id", ""))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

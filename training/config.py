@@ -32,6 +32,7 @@ def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
 
 DATA, MODEL, OPTIM, RUN, SAVE, FEEDBACK = "data", "model", "optimisation", "run", "checkpoints", "feedback"
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
+NOT_RECORDED = ("overwrite",)  # a one-time action: re-running a run's config.toml must not delete that run
 
 
 @dataclasses.dataclass
@@ -82,6 +83,9 @@ class TrainConfig:
 
     # --- run ------------------------------------------------------------------------------
     output_dir: str = option("runs/aaa", "run folder: checkpoints/, states/, samples/, tensorboard/, train.log", RUN)
+    overwrite: bool = option(False, "start afresh in an OUTPUT_DIR that holds another run: deletes its states/, checkpoints/, "
+                             "samples/, tensorboard/, train.log, config.toml and run.json (the encoding cache is kept); "
+                             "without it such a run is refused. Not recorded in config.toml", RUN)
     seed: int = option(0, "seed for the init, the data order, the noise and the timesteps", RUN)
     max_steps: int = option(10000, "stop after this many optimizer steps (0 = no limit; then max_epochs must be set)", RUN)
     max_epochs: float = option(0.0, "stop after this many passes over the data (0 = no limit); the first limit reached wins", RUN)
@@ -116,6 +120,7 @@ class TrainConfig:
             (self.max_steps >= 0 and self.max_epochs >= 0, "max_steps and max_epochs must not be negative"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay {self.ema_decay} must be in [0, 1)"),
             (self.keep_states >= 1, "keep_states must be at least 1"),
+            (not (self.overwrite and self.resume), "--overwrite deletes the states --resume would continue from: pass one of them"),
             (self.encoder_dtype in ("auto", "bf16", "fp32"), f"encoder_dtype {self.encoder_dtype!r}: use auto, bf16 or fp32"),
             (self.precision in PRECISIONS, f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"),
             (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
@@ -134,6 +139,8 @@ class TrainConfig:
         """The resolved config as a TOML file that ``--config`` reads back."""
         lines = [f"# Resolved config of this run; re-run with: python -m training --config {Path(self.output_dir) / 'config.toml'}"]
         for field in dataclasses.fields(self):
+            if field.name in NOT_RECORDED:
+                continue
             value = getattr(self, field.name)
             lines.append(f"{field.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"

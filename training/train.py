@@ -2,13 +2,20 @@
 
 One GPU (or the CPU):
     python -m training --config training/configs/pokemon.toml
-Several GPUs on one machine (accelerate/DDP does the distribution; nothing else changes):
+Several GPUs on one machine (accelerate/DDP does the distribution; nothing else changes; --device cpu
+runs the processes on the CPU; a second launch on the same machine needs its own --main_process_port):
     accelerate launch --multi_gpu --num_processes 8 -m training --config training/configs/pokemon.toml
 Several machines (run on each machine with its own --machine_rank; OUTPUT_DIR on a shared disk):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m training --config training/configs/pokemon.toml
 Continue after Ctrl-C, a crash or a time limit (Ctrl-C and SIGTERM save first):
     python -m training --config training/configs/pokemon.toml --resume
+Stop a launched run: signal the training processes, ``pkill -TERM -P LAUNCHER_PID``; they save and
+the launcher exits 0. Ctrl-C or SIGTERM on the launcher saves too, but torchrun then reports its own
+signal as a failure (SignalException traceback, exit 1), and it kills processes still saving after
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30; raise it for large states or slow disks).
+Start afresh in a folder that holds another run (deletes its states and checkpoints):
+    python -m training --config training/configs/pokemon.toml --overwrite
 Fine-tune the published step-600000 instead of starting from random weights:
     python -m training --config training/configs/pokemon.toml --init-from published --lr 2e-5
 
@@ -21,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -45,12 +51,15 @@ from aaa_core.vae import load_vae
 
 from .batches import BatchOrder
 from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, encoder_dtype_for
-from .checkpoints import SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, write_text_atomic
+from .checkpoints import (
+    SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, write_text_atomic,
+)
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
 from .interrupt import StopRequest
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, peak_flops, training_flops_per_sample
+from .run_folder import claim_output_dir, folder_run_id
 from .samples import render_grid, write_prompt_list
 
 log = logging.getLogger("training")
@@ -90,7 +99,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
 
     out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    # Which state to continue and which run owns the folder, before anything is written into it.
+    state = find_state(cfg.resume, out / "states", folder_run_id(out)) if cfg.resume else None
+    run_id = claim_output_dir(out, read_progress(state)["run_id"] if state else None, cfg.overwrite, is_main, barrier)
     log_file = _log_to_file(out / "train.log", is_main)
     if is_main:
         write_text_atomic(out / "config.toml", cfg.to_toml())
@@ -124,14 +135,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
                  len(data), len(data.latents), len(data.text), latent_channels, latent_h, latent_w, text_tokens, text_dim)
 
         # ------------------------------------------------------------ model
-        state = find_state(cfg.resume, out / "states") if cfg.resume else None
         if cfg.resume and state is None:
             log.info("--resume: no saved state in %s yet; starting from the beginning", out / "states")
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         if state is not None:  # sizes from the state; the weights are loaded below
-            model = AAADiT(AAADiTConfig(**json.loads(read_progress(state)["model_config"])))
+            model = AAADiT(state_model_config(state))
         elif cfg.init_from:
             model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
             log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
@@ -200,9 +210,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
             if is_main:
                 weights = (ema if ema is not None else unwrapped).state_dict()
                 checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
-                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema is not None else "raw", SAVE_DTYPES[cfg.save_dtype])
+                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema is not None else "raw",
+                             SAVE_DTYPES[cfg.save_dtype], run_id)
             progress = {
-                "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
+                "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
                 "data_fingerprint": data.fingerprint, "world_size": world,
             }
             state_dir = save_state(out / "states", step, unwrapped, ema, optimizer, lr_scheduler, progress,
@@ -289,6 +300,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 if stopping:
                     stopped = True
                     log.warning("stopped at step %d; continue with --resume", step)
+                    if is_main and "TORCHELASTIC_RUN_ID" in os.environ:  # started by accelerate launch / torchrun
+                        log.warning("the state is complete; if the launcher itself was signalled, it now prints a "
+                                    "SignalException traceback and exits 1: that is torchrun reporting the signal")
                     break
 
         # ------------------------------------------------------------ final checkpoint
