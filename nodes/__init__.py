@@ -9,6 +9,7 @@ downloads model files, and the node modules read their widgets and call ``aaa_co
 from .conditioning import AAATextEncode
 from .latent import AAAEmptyLatentImage, AAAVAEDecode, AAAVAEEncode
 from .loaders import AAADiTLoader, AAATextEncoderLoader, AAAVAELoader
+from .lora import AAALoraLoader
 from .native_sampling import AAAFlux2Sigmas, AAAReferenceNoise
 from .sampling import AAASampler
 
@@ -17,6 +18,7 @@ NODES = {
     "AAADiTLoader": (AAADiTLoader, "AAA DiT Loader"),
     "AAATextEncoderLoader": (AAATextEncoderLoader, "AAA Text Encoder Loader"),
     "AAAVAELoader": (AAAVAELoader, "AAA VAE Loader"),
+    "AAALoraLoader": (AAALoraLoader, "AAA LoRA Loader"),
     "AAATextEncode": (AAATextEncode, "AAA Text Encode"),
     "AAAEmptyLatentImage": (AAAEmptyLatentImage, "AAA Empty Latent Image"),
     "AAASampler": (AAASampler, "AAA Sampler"),

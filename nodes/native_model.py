@@ -12,6 +12,7 @@ gives AAA Sampler the same view of either.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from ..aaa_core.dit import AAADiT
 from ..aaa_core.errors import InputError
+from ..aaa_core.lora import LoraPair, merge_lora, to_kohya
 from . import comfy_bridge as bridge
 from .conditioning import check_embeds_width
 from .native_dit import FlowMatchingSampling, flux2_shift, forward_memory
@@ -32,6 +34,7 @@ if bridge.IN_COMFYUI:
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
+    import comfy.sd
     import comfy.supported_models_base
 
     # The 2024 tree has no rectified-flow model type: build as EPS, then swap the sampling.
@@ -121,3 +124,18 @@ def sampling_handle(model: Any) -> Any:
         name = type(diffusion_model if diffusion_model is not None else model).__name__
         raise InputError(f"model holds a {name}, not an AAADiT; load it with AAA DiT Loader")
     return _PatchedDiT(model)
+
+
+def with_lora(model: Any, pairs: dict[str, LoraPair], strength: float) -> Any:
+    """A new MODEL with the LoRA applied; ``model`` itself is left unchanged.
+
+    In ComfyUI the LoRA becomes weight patches through ComfyUI's own LoRA loading (under kohya
+    keys, which every release reads), so it stacks with other patches and unloads cleanly.
+    Outside ComfyUI the DiT is copied and the LoRA merged into the copy.
+    """
+    if bridge.IN_COMFYUI:
+        patched, _ = comfy.sd.load_lora_for_models(model, None, to_kohya(pairs), strength, 0)
+        return patched
+    dit = copy.deepcopy(model.model)
+    merge_lora(dit, pairs, strength)
+    return bridge.ManagedModel(dit, dit, bridge.DIT, model.weight_dtype, model.compute_dtype, model.path)

@@ -6,8 +6,8 @@ on tiny models. Latents come back through the built-in SaveLatent node and are c
 - SamplerCustom (both trees) and SamplerCustomAdvanced with AAA Reference Noise (trees that have
   it) give AAA Sampler's latents; where ComfyUI has Flux2Scheduler, it gives our sigmas' result;
 - LoraLoaderModelOnly with a kohya LoRA (and a PEFT one with the ``diffusion_model.`` prefix where
-  ComfyUI reads that layout) samples exactly like a DiT file holding W + strength * scale * B @ A
-  merged by hand, in KSampler and in AAA Sampler;
+  ComfyUI reads that layout), and AAA LoRA Loader with an unprefixed PEFT one, sample exactly like
+  a DiT file holding W + strength * scale * B @ A merged by hand, in KSampler and in AAA Sampler;
 - every sampler and scheduler name ComfyUI lists runs 2 steps and gives finite latents.
 """
 
@@ -177,11 +177,11 @@ def flux2_scheduler_vs_ours() -> dict:
     return prompt
 
 
-def lora_prompt(lora_name: str, merged_name: str, tag: str) -> dict:
-    """KSampler and AAA Sampler on (base + LoRA via LoraLoaderModelOnly) and on the hand-merged DiT file."""
+def lora_prompt(lora_name: str, merged_name: str, tag: str, loader: str = "LoraLoaderModelOnly") -> dict:
+    """KSampler and AAA Sampler on (base + LoRA via `loader`) and on the hand-merged DiT file."""
     prompt = base_prompt()
     model = links(prompt)["model"]
-    prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora_name, "strength_model": LORA_STRENGTH}}
+    prompt["lora"] = {"class_type": loader, "inputs": {"model": model, "lora_name": lora_name, "strength_model": LORA_STRENGTH}}
     prompt["merged"] = {"class_type": "AAADiTLoader", "inputs": {"dit_name": merged_name, "weight_dtype": "fp32"}}
     save_latent(prompt, add_ksampler(prompt, "k_lora", ["lora", 0]), f"{tag}_k_lora")
     save_latent(prompt, add_ksampler(prompt, "k_merged", ["merged", 0]), f"{tag}_k_merged")
@@ -204,6 +204,7 @@ PROMPTS = {
     "flux2_scheduler": flux2_scheduler_vs_ours(),
     "lora_kohya": lora_prompt("aaa_lora_kohya.safetensors", "aaa_tiny_merged_kohya.safetensors", "kohya"),
     "lora_peft": lora_prompt("aaa_lora_peft.safetensors", "aaa_tiny_merged_peft.safetensors", "peft"),
+    "lora_peft_bare": lora_prompt("aaa_lora_peft_bare.safetensors", "aaa_tiny_merged_peft.safetensors", "peft_bare", "AAALoraLoader"),
 }
 ACTIONS = [execute(prompt) for prompt in PROMPTS.values()] + [
     execute_each_choice(sweep_prompt(), "k", "sampler_name"),
@@ -222,6 +223,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     save_kohya_lora(loras / "aaa_lora_kohya.safetensors", factors)
     save_merged_dit(paths["dit"], models / "unet" / "aaa_tiny_merged_kohya.safetensors", factors, LORA_ALPHA / LORA_RANK)
     save_peft_lora(loras / "aaa_lora_peft.safetensors", factors, "diffusion_model.")
+    save_peft_lora(loras / "aaa_lora_peft_bare.safetensors", factors, "")
     save_merged_dit(paths["dit"], models / "unet" / "aaa_tiny_merged_peft.safetensors", factors, 1.0)  # no alpha: scale 1
     return run_in_comfyui(
         ROOT, ACTIONS, base / "work", model_paths={name: models / name for name in ("unet", "clip", "vae", "loras")}, timeout=400
@@ -279,8 +281,9 @@ def test_flux2_scheduler_gives_our_sigmas_at_256_and_30_steps(run: dict) -> None
     torch.testing.assert_close(latents(run, outcome, "flux2_30"), latents(run, outcome, "ours30"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
-def test_native_lora_loader_patches_the_weights_by_hand_formula(run: dict, layout: str) -> None:
+@pytest.mark.parametrize("layout", ["kohya", "peft", "peft_bare"])
+def test_lora_loaders_patch_the_weights_by_hand_formula(run: dict, layout: str) -> None:
+    """LoraLoaderModelOnly for kohya and prefixed PEFT files; AAA LoRA Loader for PEFT without a prefix."""
     outcome = action(run, f"lora_{layout}")
     assert outcome["status"] == "success", outcome["error"]
     base, lora = latents(run, outcome, f"{layout}_k_base"), latents(run, outcome, f"{layout}_k_lora")

@@ -73,7 +73,7 @@ spec = importlib.util.spec_from_file_location("aaa_pack", {str(ROOT / "__init__.
 pack = importlib.util.module_from_spec(spec)
 sys.modules["aaa_pack"] = pack
 spec.loader.exec_module(pack)
-assert len(pack.NODE_CLASS_MAPPINGS) == 10
+assert len(pack.NODE_CLASS_MAPPINGS) == 11
 assert modules == [], modules
 heavy = [name for name in ("transformers", "modelscope", "diffusers", "comfy") if name in sys.modules]
 assert heavy == [], heavy
