@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfyui_harness import comfyui_test_marks, execute, execute_each_choice, run_in_comfyui
+from pack_import import pack_module
 from tiny_models import TINY_DIT, save_tiny_models
 
 from aaa_core.checkpoint import save_safetensors
@@ -36,6 +37,7 @@ TINY_FILES = {"dit_name": "aaa_tiny.safetensors", "text_encoder_name": "qwen3_ti
 STEPS, WIDTH, HEIGHT = 2, 64, 48
 LORA_STRENGTH, LORA_RANK, LORA_ALPHA = 0.7, 4, 2.0
 LORA_TARGETS = ("blocks.0.to_q", "blocks.1.ff.2", "proj_out")  # attention, MLP and output layers
+DEFAULT_SHIFT = pack_module("nodes.native_dit").flux2_shift()  # the model sampling's own default
 
 
 # --------------------------------------------------------------------------------------
@@ -191,6 +193,36 @@ def lora_prompt(lora_name: str, merged_name: str, tag: str, loader: str = "LoraL
     return prompt
 
 
+def native_patch_nodes() -> dict:
+    """Conditioning nodes, KSamplerAdvanced and ModelMergeSimple on our MODEL and CONDITIONING (both trees)."""
+    prompt = base_prompt()
+    sockets = links(prompt)
+    prompt["concat"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": sockets["positive"], "conditioning_from": sockets["positive"]}}
+    prompt["late"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["concat", 0], "start": 0.5, "end": 1.0}}
+    prompt["combine"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": sockets["positive"], "conditioning_2": ["late", 0]}}
+    prompt["zero"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": sockets["negative"]}}
+    prompt["advanced"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **sockets, "positive": ["combine", 0], "negative": ["zero", 0], "add_noise": "enable", "noise_seed": 3, "steps": STEPS,
+        "cfg": 4.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    save_latent(prompt, ["advanced", 0], "conds")
+    prompt["merged"] = {"class_type": "AAADiTLoader", "inputs": {"dit_name": "aaa_tiny_merged_kohya.safetensors", "weight_dtype": "fp32"}}
+    prompt["merge"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": sockets["model"], "model2": ["merged", 0], "ratio": 0.0}}
+    save_latent(prompt, add_ksampler(prompt, "k_merge", ["merge", 0]), "merge_all_model2")
+    save_latent(prompt, add_ksampler(prompt, "k_merged", ["merged", 0]), "merged")
+    save_latent(prompt, add_ksampler(prompt, "k_base", sockets["model"]), "base")
+    return prompt
+
+
+def shift_override() -> dict:
+    """ModelSamplingSD3 (current ComfyUI) at our default shift is ComfyUI's flow sampling: the same result."""
+    prompt = base_prompt()
+    model = links(prompt)["model"]
+    prompt["shift"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": model, "shift": DEFAULT_SHIFT}}
+    save_latent(prompt, add_ksampler(prompt, "k_shift", ["shift", 0], scheduler="normal"), "shifted")
+    save_latent(prompt, add_ksampler(prompt, "k_plain", model, scheduler="normal"), "plain")
+    return prompt
+
+
 def sweep_prompt() -> dict:
     prompt = base_prompt()
     save_latent(prompt, add_ksampler(prompt, "k", links(prompt)["model"]), "sweep")
@@ -205,6 +237,8 @@ PROMPTS = {
     "lora_kohya": lora_prompt("aaa_lora_kohya.safetensors", "aaa_tiny_merged_kohya.safetensors", "kohya"),
     "lora_peft": lora_prompt("aaa_lora_peft.safetensors", "aaa_tiny_merged_peft.safetensors", "peft"),
     "lora_peft_bare": lora_prompt("aaa_lora_peft_bare.safetensors", "aaa_tiny_merged_peft.safetensors", "peft_bare", "AAALoraLoader"),
+    "native_patch_nodes": native_patch_nodes(),
+    "shift_override": shift_override(),
 }
 ACTIONS = [execute(prompt) for prompt in PROMPTS.values()] + [
     execute_each_choice(sweep_prompt(), "k", "sampler_name"),
@@ -307,3 +341,20 @@ def test_every_sampler_and_scheduler_comfyui_lists_runs_two_steps(run: dict, swe
         (name,) = r["files"]
         samples = load_file(str(Path(run["output_dir"]) / name))["latent_tensor"]
         assert samples.shape == (1, 128, HEIGHT // 16, WIDTH // 16) and torch.isfinite(samples).all(), choice
+
+
+def test_native_conditioning_and_model_patch_nodes_work(run: dict) -> None:
+    outcome = action(run, "native_patch_nodes")
+    assert outcome["status"] == "success", outcome["error"]
+    assert torch.isfinite(latents(run, outcome, "conds")).all()
+    merged, base = latents(run, outcome, "merged"), latents(run, outcome, "base")
+    assert (merged - base).abs().max() > 1e-3
+    torch.testing.assert_close(latents(run, outcome, "merge_all_model2"), merged, rtol=1e-5, atol=1e-5)
+
+
+def test_model_sampling_sd3_at_our_shift_changes_nothing(run: dict) -> None:
+    outcome = action(run, "shift_override")
+    if run["comfyui_version"] is None and missing_node(outcome):
+        pytest.skip("the 2024 tree has no ModelSamplingSD3")
+    assert outcome["status"] == "success", outcome["error"]
+    torch.testing.assert_close(latents(run, outcome, "shifted"), latents(run, outcome, "plain"), rtol=1e-4, atol=1e-4)
