@@ -45,20 +45,16 @@ if bridge.IN_COMFYUI:
 
         latent_channels = 128
 
-    def latent_format_class() -> type:
-        """ComfyUI's FLUX.2 latent format (previews), else the pack's stand-in."""
-        return getattr(comfy.latent_formats, "Flux2", FLUX2LatentFormat)
-
     class AAADiTModelConfig(comfy.supported_models_base.BASE):
         """What ComfyUI reads about the model family: sampling settings, latent format, dtypes."""
 
         unet_config = {"disable_unet_model_creation": True}  # the network is loaded by the pack
         unet_extra_config = {}
+        latent_format = getattr(comfy.latent_formats, "Flux2", FLUX2LatentFormat)  # ComfyUI's gives previews
         sampling_settings = {"shift": flux2_shift(), "multiplier": 1000.0}
         supported_inference_dtypes = bridge.DIT_SUPPORTED_DTYPES
 
         def __init__(self, dtype: torch.dtype, compute_dtype: torch.dtype):
-            self.latent_format = latent_format_class()
             super().__init__(dict(self.unet_config))
             self.set_inference_dtype(dtype, compute_dtype if compute_dtype != dtype else None)
 
