@@ -228,14 +228,18 @@ def dit_from_state_dict(
     metadata: Mapping[str, str] | None = None,
     source: "str | os.PathLike[str]" = "state dict",
     operations: Operations = nn,
+    model_class: type[AAADiT] = AAADiT,
 ) -> AAADiT:
-    """Builds an AAADiT sized from ``state_dict`` and loads it strictly (tensors are adopted, not copied)."""
+    """Builds an AAADiT sized from ``state_dict`` and loads it strictly (tensors are adopted, not copied).
+
+    ``model_class`` may be a subclass with another calling convention (ComfyUI's, in the nodes).
+    """
     try:
         config = AAADiTConfig.from_state_dict(state_dict, metadata)
     except (KeyError, ValueError) as err:
         raise ModelFileError(f"{source}: not a complete AAADiT checkpoint ({err})") from None
     with torch.device("meta"):
-        model = AAADiT(config, operations)
+        model = model_class(config, operations)
     return adopt_state_dict(model, state_dict, source)
 
 
@@ -244,7 +248,8 @@ def load_dit(
     dtype: torch.dtype | None = None,
     device: "str | torch.device" = "cpu",
     operations: Operations = nn,
+    model_class: type[AAADiT] = AAADiT,
 ) -> AAADiT:
     """Loads an AAADiT checkpoint (the published one or ours), in eval mode, without gradients."""
     state_dict, metadata = load_checkpoint(path, AAADIT, dtype=dtype, device=device)
-    return dit_from_state_dict(state_dict, metadata, path, operations)
+    return dit_from_state_dict(state_dict, metadata, path, operations, model_class)

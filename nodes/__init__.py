@@ -1,13 +1,16 @@
 """ComfyUI nodes for AAADiT: loaders, prompt encoding, sampling and the FLUX.2 VAE.
 
-Every node id and display name is defined here, once. The modules are glue: ``comfy_bridge`` is
-the only one that touches ComfyUI, ``model_files`` resolves and downloads model files, and the
-node modules read their widgets and call ``aaa_core``.
+Every node id and display name is defined here, once. The modules are glue: ``comfy_bridge`` and
+``native_model`` (the DiT as a native MODEL) are the only ones that touch ComfyUI, ``native_dit``
+adapts AAADiT to ComfyUI's calling conventions in plain torch, ``model_files`` resolves and
+downloads model files, and the node modules read their widgets and call ``aaa_core``.
 """
 
 from .conditioning import AAATextEncode
 from .latent import AAAEmptyLatentImage, AAAVAEDecode, AAAVAEEncode
 from .loaders import AAADiTLoader, AAATextEncoderLoader, AAAVAELoader
+from .lora import AAALoraLoader
+from .native_sampling import AAAFlux2Sigmas, AAAReferenceNoise
 from .sampling import AAASampler
 
 # node id -> (class, display name)
@@ -15,9 +18,12 @@ NODES = {
     "AAADiTLoader": (AAADiTLoader, "AAA DiT Loader"),
     "AAATextEncoderLoader": (AAATextEncoderLoader, "AAA Text Encoder Loader"),
     "AAAVAELoader": (AAAVAELoader, "AAA VAE Loader"),
+    "AAALoraLoader": (AAALoraLoader, "AAA LoRA Loader"),
     "AAATextEncode": (AAATextEncode, "AAA Text Encode"),
     "AAAEmptyLatentImage": (AAAEmptyLatentImage, "AAA Empty Latent Image"),
     "AAASampler": (AAASampler, "AAA Sampler"),
+    "AAAReferenceNoise": (AAAReferenceNoise, "AAA Reference Noise"),
+    "AAAFlux2Sigmas": (AAAFlux2Sigmas, "AAA FLUX.2 Sigmas"),
     "AAAVAEDecode": (AAAVAEDecode, "AAA VAE Decode"),
     "AAAVAEEncode": (AAAVAEEncode, "AAA VAE Encode"),
 }

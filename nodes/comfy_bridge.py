@@ -156,12 +156,15 @@ class _PatcherModule(torch.nn.Module):
 # One subclass per kind, so ComfyUI's log reads "Requested to load AAADiT", not the wrapper's name.
 _PATCHER_MODULES = {
     kind: type(name, (_PatcherModule,), {"__doc__": f"The {name} inside a ModelPatcher."})
-    for kind, name in ((DIT, "AAADiT"), (VAE, "Flux2VAE"), (TEXT_ENCODER, "Qwen3TextEncoder"))
+    for kind, name in ((VAE, "Flux2VAE"), (TEXT_ENCODER, "Qwen3TextEncoder"))
 }
 
 
 class ManagedModel:
-    """A core model and the ComfyUI ModelPatcher that places it: the value an AAA_* socket carries."""
+    """A core model and the ComfyUI ModelPatcher that places it: the value an AAA_* socket carries.
+
+    The DiT is one too outside ComfyUI; inside, it is a native MODEL (``native_model``).
+    """
 
     def __init__(
         self,
@@ -194,13 +197,12 @@ class ManagedModel:
     def load(self, memory_required: int = 0) -> Any:
         """Has ComfyUI's memory manager put the weights on the load device (freeing others if needed); returns the core model.
 
-        The DiT may load partially in low-VRAM mode (its manual_cast layers stream the rest).
         The VAE and text encoder are plain torch modules, so they ask for a full load where the
         API has ``force_full_load`` (0.10; the 2024 tree has no such parameter).
         """
         if self.patcher is not None:
             kwargs = {}
-            if self.kind != DIT and "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
+            if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
                 kwargs["force_full_load"] = True
             mm.load_models_gpu([self.patcher], memory_required=int(memory_required), **kwargs)
         return self.model

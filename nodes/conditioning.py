@@ -58,12 +58,17 @@ def conditioning_embeds(conditioning, name: str, width: int) -> torch.Tensor:
     if not torch.is_tensor(embeds) or embeds.ndim != 3:
         shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
         raise InputError(f"{name} conditioning holds {shape}, not a (batch, tokens, width) prompt embedding")
+    check_embeds_width(embeds, name, width)
+    extras = sorted(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else []
+    if extras:
+        log.warning("AAADiT ignores these %s conditioning options: %s", name, ", ".join(extras))
+    return embeds
+
+
+def check_embeds_width(embeds: torch.Tensor, name: str, width: int) -> None:
+    """A one-line error unless the prompt embedding is ``width`` wide (the DiT's text_dim)."""
     if embeds.shape[-1] != width:
         raise InputError(
             f"{name} conditioning is {embeds.shape[-1]} wide but this AAADiT takes {width}: "
             "it was made by another text encoder; use AAA Text Encode with the Qwen3 text encoder"
         )
-    extras = sorted(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else []
-    if extras:
-        log.warning("AAADiT ignores these %s conditioning options: %s", name, ", ".join(extras))
-    return embeds

@@ -1,8 +1,10 @@
 """Loader nodes for the three model files: the AAADiT, the Qwen3-0.6B text encoder and the FLUX.2 VAE.
 
-Each outputs its own socket type (AAA_DIT, AAA_TEXT_ENCODER, AAA_VAE) so they cannot be wired
-into native nodes that expect a MODEL, CLIP or VAE. Weights are read onto the offload device;
-ComfyUI's memory manager moves them to the GPU when a node needs them.
+The DiT loader outputs a native MODEL (``native_model``), for KSampler and the other native
+sampling and model-patch nodes as well as AAA Sampler. The text encoder and VAE have their own
+socket types (AAA_TEXT_ENCODER, AAA_VAE) so they cannot be wired into native nodes that expect a
+CLIP or VAE. Weights are read onto the offload device; ComfyUI's memory manager moves them to the
+GPU when a node needs them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from ..aaa_core.dit import load_dit
 from ..aaa_core.vae import load_vae
 from . import comfy_bridge as bridge
 from . import model_files
+from .native_dit import ComfyAAADiT
+from .native_model import native_model
 
 
 def _file_tooltip(kind: str) -> str:
@@ -28,10 +32,13 @@ def _dtype_widget(auto: str) -> tuple:
 
 class AAADiTLoader:
     CATEGORY = "AAADiT/loaders"
-    DESCRIPTION = "Loads an AAADiT diffusion model (models/unet or models/diffusion_models) for the AAA Sampler."
-    RETURN_TYPES = ("AAA_DIT",)
+    DESCRIPTION = (
+        "Loads an AAADiT diffusion model (models/unet or models/diffusion_models) as a native MODEL: for AAA Sampler, "
+        "KSampler, SamplerCustomAdvanced, LoRA loaders and model-patch nodes."
+    )
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The AAADiT model; connect it to AAA Sampler.",)
+    OUTPUT_TOOLTIPS = ("The AAADiT model; connect it to AAA Sampler or a native sampler.",)
     FUNCTION = "load"
 
     @classmethod
@@ -47,8 +54,8 @@ class AAADiTLoader:
         path = model_files.resolve("dit", dit_name)
         load_device, offload_device = bridge.model_devices(bridge.DIT)
         weight, compute = bridge.dit_dtypes(weight_dtype, load_device)
-        dit = load_dit(path, dtype=weight, device=offload_device, operations=bridge.dit_operations())
-        return (bridge.ManagedModel(dit, dit, bridge.DIT, weight, compute, path),)
+        dit = load_dit(path, dtype=weight, device=offload_device, operations=bridge.dit_operations(), model_class=ComfyAAADiT)
+        return (native_model(dit, weight, compute, path),)
 
 
 class AAATextEncoderLoader:

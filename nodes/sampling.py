@@ -1,8 +1,9 @@
 """The AAADiT sampler node: Euler flow-matching with classifier-free guidance, text-to-image or image-to-image.
 
-A self-contained sampler (``docs/comfyui.md`` section 5): it takes its own AAA_DIT
-model rather than a native MODEL, and runs ``aaa_core.sampling.sample`` with seeded noise from
-``aaa_core.sampling.make_noise``, so for the same seed it gives exactly what the CLI gives.
+A self-contained sampler (``docs/comfyui.md`` section 5): it takes the AAADiT's native MODEL,
+loads it with its patches (LoRA, merges) through ComfyUI's memory manager, and runs
+``aaa_core.sampling.sample`` with seeded noise from ``aaa_core.sampling.make_noise``, so for the
+same seed it gives exactly what the CLI gives.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import logging
 
 import torch
 
-from ..aaa_core.dit import AAADiTConfig
 from ..aaa_core.errors import InputError
-from ..aaa_core.sampling import LATENT_CHANNELS, make_noise, sample
+from ..aaa_core.sampling import make_noise, sample
 from . import comfy_bridge as bridge
 from .conditioning import conditioning_embeds
 from .latent import latent_samples
+from .native_dit import forward_memory
+from .native_model import sampling_handle
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class AAASampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("AAA_DIT", {"tooltip": "The AAADiT model from AAA DiT Loader."}),
+                "model": ("MODEL", {"tooltip": "The AAADiT model from AAA DiT Loader (LoRA and weight patches apply)."}),
                 "positive": ("CONDITIONING", {"tooltip": "What to draw: AAA Text Encode output."}),
                 "negative": ("CONDITIONING", {"tooltip": "What to steer away from (the reference uses a single space); unused at cfg 1.0."}),
                 "latent_image": ("LATENT", {"tooltip": "Sets size and batch (text-to-image), or the image to start from (denoise below 1.0)."}),
@@ -48,7 +50,8 @@ class AAASampler:
             }
         }
 
-    def sample(self, model: bridge.ManagedModel, positive, negative, latent_image, seed: int, steps: int, cfg: float, denoise: float):
+    def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, denoise: float):
+        model = sampling_handle(model)
         samples = latent_samples(latent_image, "latent_image")
         width = model.model.config.text_dim
         positive = conditioning_embeds(positive, "positive", width)
@@ -63,23 +66,32 @@ class AAASampler:
             return (result,)
 
         batch, _, height, width = samples.shape
-        dit = model.load(sampling_memory(model.model.config, batch, height, width, positive.shape[1], model.compute_dtype, cfg != 1.0))
+        rows = batch * (2 if cfg != 1.0 else 1)  # CFG runs both prompts as one batch
+        dit = model.load(forward_memory(model.model.config, rows, height, width, positive.shape[1], model.compute_dtype))
         device, dtype = model.load_device, model.compute_dtype
         if "noise_mask" in latent_image:
             log.warning("AAA Sampler: the latent's noise_mask is ignored (no inpainting); the whole image is sampled")
-        # Image i uses seed + i; after Latent From Batch, ComfyUI's batch_index keeps each image's own seed.
-        offsets = latent_image.get("batch_index")
-        if not offsets or len(offsets) != batch:
-            offsets = range(batch)
-        noise = torch.cat([make_noise((seed + k) % (SEED_MAX + 1), 1, height, width, dtype, device) for k in offsets])
+        noise = reference_noise(seed, latent_image, dtype, device)
         latents = sample(
-            dit, noise, positive.to(device), negative.to(device) if cfg != 1.0 else None, steps, cfg,
+            dit.velocity, noise, positive.to(device), negative.to(device) if cfg != 1.0 else None, steps, cfg,
             denoise=denoise,
             init_latents=samples.to(device) if denoise < 1.0 else None,
             callback=_step_callback(steps, device),
         )
         result["samples"] = latents.to(device=bridge.intermediate_device(), dtype=torch.float32)
         return (result,)
+
+
+def reference_noise(seed: int, latent_image: dict, dtype: torch.dtype = torch.float32, device: "str | torch.device" = "cpu") -> torch.Tensor:
+    """The reference's noise for a LATENT: image i uses seed + i (``make_noise``), drawn in ``dtype``.
+
+    After Latent From Batch, ComfyUI's ``batch_index`` keeps each image's own seed.
+    """
+    batch, _, height, width = latent_image["samples"].shape
+    offsets = latent_image.get("batch_index")
+    if not offsets or len(offsets) != batch:
+        offsets = range(batch)
+    return torch.cat([make_noise((seed + k) % (SEED_MAX + 1), 1, height, width, dtype, device) for k in offsets])
 
 
 def _step_callback(steps: int, device: torch.device):
@@ -93,17 +105,3 @@ def _step_callback(steps: int, device: torch.device):
 
     return on_step
 
-
-def sampling_memory(config: AAADiTConfig, batch: int, height: int, width: int, text_len: int, dtype: torch.dtype, guided: bool) -> int:
-    """Bytes of activations one DiT forward needs, for ComfyUI's memory manager (a generous estimate).
-
-    Per token and block: the residual stream, q/k/v/out, the MLP hidden and the gates, about
-    (8 + 2 * ff_mult) * dim values; plus the attention matrix in case SDPA falls back to the
-    math kernel. CFG doubles the batch.
-    """
-    rows = batch * (2 if guided else 1)
-    tokens = height * width + text_len
-    activations = rows * tokens * config.dim * (8 + 2 * config.ff_mult)
-    attention = rows * config.num_heads * tokens * tokens
-    inputs = rows * tokens * max(config.text_dim, LATENT_CHANNELS)
-    return int((activations + attention + inputs) * dtype.itemsize * 1.5)

@@ -331,6 +331,20 @@ def _templates(root: Path, action: dict, work_dir: Path) -> dict[str, Any]:
     return asyncio.run(ask())
 
 
+def _execute_each_choice(comfy: SimpleNamespace, server: _Server, hook: _ProgressHook, action: dict, output_dir: Path) -> dict:
+    """Execute the prompt once per value of one node's combo input, as this ComfyUI lists them."""
+    node = action["prompt"][action["node_id"]]
+    spec = comfy.nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"][action["input_name"]]
+    choices = list(spec[0]) if isinstance(spec[0], (list, tuple)) else list(spec[1]["options"])  # 0.10 may write COMBO
+    runs = []
+    for choice in choices:
+        prompt = json.loads(json.dumps(action["prompt"]))
+        prompt[action["node_id"]]["inputs"][action["input_name"]] = choice
+        outcome = _execute(comfy, server, hook, {"prompt": prompt}, output_dir)
+        runs.append({key: outcome[key] for key in ("status", "error", "files")})
+    return {"choices": choices, "runs": runs}
+
+
 def _child_main(request_path: Path, result_path: Path) -> None:
     """Boot ComfyUI, load the pack, run the actions, write the JSON result."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -352,6 +366,8 @@ def _child_main(request_path: Path, result_path: Path) -> None:
             outcome = _validate(comfy, action["prompt"], str(uuid.uuid4()))
         elif action["kind"] == "templates":
             outcome = _templates(Path(request["comfyui_root"]), action, output_dir.parent)
+        elif action["kind"] == "execute_each_choice":
+            outcome = _execute_each_choice(comfy, server, hook, action, output_dir)
         else:
             outcome = _execute(comfy, server, hook, action, output_dir)
         results.append({"kind": action["kind"], "seconds": time.perf_counter() - started, **outcome})

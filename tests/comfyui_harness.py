@@ -100,6 +100,16 @@ def templates(pack_dir: str | Path, folder_name: str, files: list[str]) -> dict:
     return {"kind": "templates", "pack_dir": str(Path(pack_dir).resolve()), "folder_name": folder_name, "files": files}
 
 
+def execute_each_choice(prompt: dict, node_id: str, input_name: str) -> dict:
+    """An action: execute the prompt once per value of a combo input, as that ComfyUI lists them.
+
+    For sweeps such as every sampler name of KSampler: the values come from the running ComfyUI,
+    so a test needs no copy of the list. The result has `choices` and one execute outcome per value
+    in `runs`.
+    """
+    return {"kind": "execute_each_choice", "prompt": prompt, "node_id": node_id, "input_name": input_name}
+
+
 def run_in_comfyui(
     pack_dir: str | Path,
     actions: list[dict],
@@ -125,7 +135,8 @@ def run_in_comfyui(
         execute:  {status: "success"|"error"|"interrupted", error, validation, outputs (the UI
                    outputs /history shows, by node id), files (new files under output_dir,
                    relative), progress [{value, total, preview}], messages [[event, data]]};
-        templates: see `templates`.
+        templates: see `templates`;
+        execute_each_choice: {choices, runs: [execute outcome for each choice, in order]}.
     Raises HarnessError if the subprocess crashes or runs longer than `timeout` seconds.
     """
     root = Path(comfyui_root) if comfyui_root is not None else find_comfyui_root()

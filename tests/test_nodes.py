@@ -44,11 +44,12 @@ def test_node_metadata_ids_tooltips_descriptions_categories():
         for name, spec in inputs["required"].items():
             assert len(spec) == 2 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         json.dumps(inputs)  # /object_info serialises it
-    # Our models travel in our own socket types, so they cannot be wired into native nodes.
-    assert NODES["AAADiTLoader"].RETURN_TYPES == ("AAA_DIT",)
+    # The DiT is a native MODEL; the text encoder and VAE travel in our own socket types, so they
+    # cannot be wired into native nodes that expect a CLIP or VAE.
+    assert NODES["AAADiTLoader"].RETURN_TYPES == ("MODEL",)
     assert NODES["AAATextEncoderLoader"].RETURN_TYPES == ("AAA_TEXT_ENCODER",)
     assert NODES["AAAVAELoader"].RETURN_TYPES == ("AAA_VAE",)
-    assert NODES["AAASampler"].INPUT_TYPES()["required"]["model"][0] == "AAA_DIT"
+    assert NODES["AAASampler"].INPUT_TYPES()["required"]["model"][0] == "MODEL"
 
 
 def test_importing_the_pack_loads_no_model_and_touches_no_network():
@@ -72,7 +73,7 @@ spec = importlib.util.spec_from_file_location("aaa_pack", {str(ROOT / "__init__.
 pack = importlib.util.module_from_spec(spec)
 sys.modules["aaa_pack"] = pack
 spec.loader.exec_module(pack)
-assert len(pack.NODE_CLASS_MAPPINGS) == 8
+assert len(pack.NODE_CLASS_MAPPINGS) == 11
 assert modules == [], modules
 heavy = [name for name in ("transformers", "modelscope", "diffusers", "comfy") if name in sys.modules]
 assert heavy == [], heavy
@@ -303,7 +304,7 @@ def _fake_comfy(monkeypatch, load_models_gpu, vae_dtype):
     monkeypatch.setattr(bridge, "comfy", SimpleNamespace(model_patcher=SimpleNamespace(ModelPatcher=_FakePatcher)), raising=False)
 
 
-def test_bridge_asks_for_a_full_load_only_where_comfyui_has_the_parameter(models, monkeypatch):
+def test_bridge_asks_for_a_full_load_where_comfyui_has_the_parameter(models, monkeypatch):
     calls = []
 
     def load_models_gpu_2024(models, memory_required=0):
@@ -315,10 +316,9 @@ def test_bridge_asks_for_a_full_load_only_where_comfyui_has_the_parameter(models
     for load_models_gpu in (load_models_gpu_2024, load_models_gpu_current):
         _fake_comfy(monkeypatch, load_models_gpu, vae_dtype=lambda: torch.float32)
         vae = bridge.ManagedModel(models.vae.model, models.vae.model, bridge.VAE, torch.float32, torch.float32, "vae.safetensors")
-        dit = bridge.ManagedModel(models.dit.model, models.dit.model, bridge.DIT, torch.float32, torch.float32, "dit.safetensors")
         assert vae.patcher.model.inner is models.vae.model  # wrapped: Flux2VAE.device is read-only
-        assert vae.load(123) is models.vae.model and dit.load(456) is models.dit.model
-    assert calls == [("2024", 123), ("2024", 456), ("current", 123, True), ("current", 456, False)]
+        assert vae.load(123) is models.vae.model
+    assert calls == [("2024", 123), ("current", 123, True)]
 
 
 def test_bridge_vae_dtype_uses_the_signature_comfyui_has(monkeypatch):

@@ -26,7 +26,7 @@ pytestmark = comfyui_test_marks()
 
 EXPECTED_NODES = {
     "AAADiTLoader", "AAATextEncoderLoader", "AAAVAELoader", "AAATextEncode",
-    "AAAEmptyLatentImage", "AAASampler", "AAAVAEDecode", "AAAVAEEncode",
+    "AAAEmptyLatentImage", "AAASampler", "AAAVAEDecode", "AAAVAEEncode", "AAAReferenceNoise", "AAAFlux2Sigmas", "AAALoraLoader",
 }
 TINY_FILES = {"dit_name": "aaa_tiny.safetensors", "text_encoder_name": "qwen3_tiny.safetensors", "vae_name": "flux2_tiny.safetensors"}
 WRONG_DIT = "flux2_vae_copy.safetensors"  # the tiny VAE, put in the unet folder by mistake

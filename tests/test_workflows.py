@@ -14,16 +14,26 @@ from pack_import import NODES, ROOT, pack_module
 WORKFLOWS = ROOT / "workflows"
 core_downloads = pack_module("aaa_core.downloads")
 
-# ComfyUI's own definitions of the built-in nodes the workflows use (the same in the 2024 tree and
-# 0.10, hidden inputs left out), so this test needs no ComfyUI; the ComfyUI test validates the API
-# files against the real ones.
+# ComfyUI's own definitions of the built-in nodes the workflows use (hidden inputs left out; the
+# custom-sampling nodes exist from mid-2024 on, the others in the 2024 tree too; combo lists cut
+# to the values used), so this test needs no ComfyUI; the ComfyUI tests run the API files.
 BUILTIN_INPUT_TYPES = {
     "SaveImage": {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
     "LoadImage": {"required": {"image": (["example.png"], {"image_upload": True})}},
+    "KSampler": {"required": {
+        "model": ("MODEL",), "seed": ("INT", {}), "steps": ("INT", {}), "cfg": ("FLOAT", {}),
+        "sampler_name": (["euler"],), "scheduler": (["simple"],),
+        "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",), "denoise": ("FLOAT", {}),
+    }},
+    "CFGGuider": {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "cfg": ("FLOAT", {})}},
+    "KSamplerSelect": {"required": {"sampler_name": (["euler"],)}},
+    "SamplerCustomAdvanced": {"required": {
+        "noise": ("NOISE",), "guider": ("GUIDER",), "sampler": ("SAMPLER",), "sigmas": ("SIGMAS",), "latent_image": ("LATENT",),
+    }},
 }
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # never sent to the server, so absent from API files
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-WORKFLOW_NAMES = ["aaa_text_to_image", "aaa_image_to_image"]
+WORKFLOW_NAMES = ["aaa_text_to_image", "aaa_image_to_image", "aaa_native_ksampler", "aaa_custom_sampler"]
 
 
 def widget_slots(input_types: dict) -> list[tuple[str, str]]:
@@ -108,11 +118,12 @@ def test_workflows_use_the_official_files_and_reference_settings(name):
     assert by_type["AAADiTLoader"][0]["dit_name"] == core_downloads.DIT.local_name
     assert by_type["AAATextEncoderLoader"][0]["text_encoder_name"] == core_downloads.TEXT_ENCODER.local_name
     assert by_type["AAAVAELoader"][0]["vae_name"] == core_downloads.VAE.local_name
-    sampler = by_type["AAASampler"][0]
+    # AAA Sampler, KSampler, or the custom sampler's guider and sigmas: the reference's 30 steps at cfg 10.
+    sampler = (by_type.get("AAASampler") or by_type.get("KSampler") or [{**by_type["CFGGuider"][0], **by_type["AAAFlux2Sigmas"][0]}])[0]
     assert (sampler["steps"], sampler["cfg"]) == (30, 10.0)
     assert sorted(e["text"] for e in by_type["AAATextEncode"]) == [" ", "a green lizard pokemon with a plant bulb on its back"]
     assert "SaveImage" in by_type
-    if name == "aaa_text_to_image":
+    if name != "aaa_image_to_image":
         assert by_type["AAAEmptyLatentImage"][0] == {"width": 256, "height": 256, "batch_size": 1} and sampler["denoise"] == 1.0
     else:
         assert by_type["LoadImage"][0] == {"image": "example.png"} and sampler["denoise"] < 1.0

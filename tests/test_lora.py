@@ -1,0 +1,83 @@
+"""LoRA files for AAADiT: every supported key layout gives W + strength * alpha/rank * B @ A, and
+files for another model are one-line errors. Runs AAA LoRA Loader without ComfyUI (it merges into
+a copy there); the ComfyUI tests check the same numbers through ComfyUI's own patching.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from node_helpers import bridge, errors, one_line_error
+from pack_import import node, pack_module
+
+lora = pack_module("aaa_core.lora")
+
+pytestmark = pytest.mark.usefixtures("fallback_folders")
+
+RANK, ALPHA, STRENGTH = 2, 3.0, 0.5
+TARGETS = ("blocks.0.to_q", "blocks.1.ff.0", "proj_out")
+
+
+def factors(dit) -> dict:
+    gen = torch.Generator().manual_seed(5)
+    shapes = lora.linear_weight_shapes(dit)
+    return {name: (torch.randn(RANK, shapes[name][1], generator=gen), torch.randn(shapes[name][0], RANK, generator=gen)) for name in TARGETS}
+
+
+def layout(pairs: dict, kind: str) -> dict:
+    tensors = {}
+    for name, (down, up) in pairs.items():
+        if kind == "kohya":
+            stem = "lora_unet_" + name.replace(".", "_")
+            tensors.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(ALPHA)})
+        else:
+            stem = {"peft": "", "peft_prefixed": "diffusion_model.", "peft_transformer": "transformer."}[kind] + name
+            tensors.update({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up, f"{stem}.alpha": torch.tensor(ALPHA)})
+    return tensors
+
+
+@pytest.fixture
+def loras_dir(tmp_path, monkeypatch):
+    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "loras", [tmp_path])
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["peft", "peft_prefixed", "peft_transformer", "kohya"])
+def test_every_layout_merges_the_hand_computed_update(models, loras_dir, kind):
+    dit = models.dit.model
+    pairs = factors(dit)
+    save_file(layout(pairs, kind), str(loras_dir / f"{kind}.safetensors"))
+    before = {name: p.detach().clone() for name, p in dit.named_parameters()}
+    (patched,) = node("AAALoraLoader")(models.dit, f"{kind}.safetensors", STRENGTH)
+    weights = dict(patched.model.named_parameters())
+    for name, param in before.items():
+        expected = param
+        module = name[: -len(".weight")]
+        if module in pairs:
+            down, up = pairs[module]
+            expected = param + STRENGTH * (ALPHA / RANK) * up @ down
+        torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in dit.named_parameters())  # the input model is unchanged
+
+
+@pytest.mark.parametrize(
+    "tensors, expected",
+    [
+        ({"blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 64), "blocks.0.attn.qkv.lora_B.weight": torch.zeros(64, 2)},
+         "bad.safetensors: LoRA key 'blocks.0.attn.qkv.lora_A.weight' names no linear layer of this AAADiT"),
+        ({"blocks.0.to_q.lora_A.weight": torch.zeros(2, 3072), "blocks.0.to_q.lora_B.weight": torch.zeros(3072, 2)},
+         "bad.safetensors: LoRA for blocks.0.to_q is (3072, 2) @ (2, 3072), but that layer's weight is (64, 64)"),
+        ({"blocks.0.to_q.lora_A.weight": torch.zeros(2, 64)}, "has no matching 'blocks.0.to_q.lora_B.weight'"),
+        ({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)},
+         "LoRA key 'lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight' names no linear layer"),
+        ({"blocks.0.to_q.weight": torch.zeros(64, 64)},  # a model checkpoint, not a LoRA
+         "bad.safetensors: key 'blocks.0.to_q.weight' is not in a LoRA layout for AAADiT"),
+    ],
+)
+def test_a_lora_for_another_model_is_a_one_line_error(models, loras_dir, tensors, expected):
+    save_file(tensors, str(loras_dir / "bad.safetensors"))
+    with pytest.raises(errors.ModelFileError) as excinfo:
+        node("AAALoraLoader")(models.dit, "bad.safetensors", 1.0)
+    assert expected in one_line_error(excinfo)
