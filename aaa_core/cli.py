@@ -14,10 +14,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .checkpoint import atomic_output
+from .devices import resolve_device, resolve_dtype
 from .errors import AAAError, InputError
 from .images import open_rgb
 
 log = logging.getLogger("aaa_core")
+
+# The flag that sets each GenerationSettings field, so that its errors name what to change.
+SETTING_FLAGS = {
+    "prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps", "cfg": "--cfg",
+    "seed": "--seed", "width": "--width", "height": "--height", "batch_size": "--batch-size", "denoise": "--denoise",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=" ", help="what to steer away from (used when --cfg is not 1)")
     gen.add_argument("--steps", type=int, default=30, help="Euler sampling steps")
     gen.add_argument("--cfg", type=float, default=10.0, help="classifier-free guidance scale; 1 disables the negative pass")
-    gen.add_argument("--seed", type=int, default=0, help="noise seed; image i of a batch uses seed+i")
-    gen.add_argument("--width", type=int, default=256, help="image width, a multiple of 16")
-    gen.add_argument("--height", type=int, default=256, help="image height, a multiple of 16")
-    gen.add_argument("--batch-size", type=int, default=1, help="images per run")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**64-1; image i of a batch uses seed+i (wrapping past 2**64-1 to 0)")
+    gen.add_argument("--width", type=int, default=256, help="image width, a multiple of 16 up to 8192")
+    gen.add_argument("--height", type=int, default=256, help="image height, a multiple of 16 up to 8192")
+    gen.add_argument("--batch-size", type=int, default=1, help="images per run, up to 4096")
     gen.add_argument("--image", type=Path, help="input image for image-to-image")
     gen.add_argument("--denoise", type=float, default=None, help="image-to-image strength in (0, 1]; default 0.6 with --image, else 1")
     gen.add_argument("--dit", type=Path, help="AAADiT .safetensors (default: download step-600000 from ModelScope)")
@@ -62,11 +69,14 @@ def generate(args: argparse.Namespace) -> list[Path]:
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
         seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, denoise=denoise,
+        names=SETTING_FLAGS,
     )
     settings.check_image(args.image is not None)
     paths = output_paths(args.output, args.batch_size)
+    device = resolve_device(args.device, "--device")
+    resolve_dtype(args.dtype, device, "--dtype")
     image = open_rgb(args.image) if args.image else None
-    pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, args.device, args.dtype, args.model_dir)
+    pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, str(device), args.dtype, args.model_dir)
     with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
         images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
     made = provenance(args.dit, args.text_encoder, args.vae, pipe.dtype, args.image)

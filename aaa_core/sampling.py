@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import InputError
+from .limits import MAX_RESOLUTION, SEED_MAX
 from .scheduler import flux2_sigmas, sigmas_to_timesteps
 
 LATENT_CHANNELS = 128
@@ -29,9 +30,12 @@ class VelocityModel(Protocol):
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-def latent_size(width: int, height: int) -> tuple[int, int]:
-    """Latent (height, width) for an image size; both sides must be positive multiples of 16."""
-    for name, value in (("width", width), ("height", height)):
+def latent_size(width: int, height: int, names: tuple[str, str] = ("width", "height")) -> tuple[int, int]:
+    """Latent (height, width) for an image size; both sides must be positive multiples of 16 up to
+    ``MAX_RESOLUTION``. ``names`` are what errors call the two sides (e.g. CLI flags)."""
+    for name, value in zip(names, (width, height)):
+        if value > MAX_RESOLUTION:
+            raise InputError(f"{name} {value} is above the maximum of {MAX_RESOLUTION}")
         if value < DOWNSCALE or value % DOWNSCALE:
             raise InputError(f"{name} {value} is not a positive multiple of {DOWNSCALE}; try {max(DOWNSCALE, round(value / DOWNSCALE) * DOWNSCALE)}")
     return height // DOWNSCALE, width // DOWNSCALE
@@ -45,7 +49,7 @@ def make_noise(
     dtype: torch.dtype = torch.float32,
     device: "str | torch.device" = "cpu",
 ) -> torch.Tensor:
-    """Gaussian noise ``(B,128,h,w)``; sample ``i`` uses seed ``seed + i``.
+    """Gaussian noise ``(B,128,h,w)``; sample ``i`` uses seed ``seed + i``, wrapped to stay below 2**64.
 
     Each sample is drawn on its own CPU generator in ``dtype`` (not drawn in float32 and cast),
     exactly as the reference draws its batch-1 noise, so image ``i`` of a batch is the image
@@ -53,7 +57,7 @@ def make_noise(
     """
     shape = (1, LATENT_CHANNELS, latent_height, latent_width)
     samples = [
-        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i), dtype=dtype)
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed((seed + i) % (SEED_MAX + 1)), dtype=dtype)
         for i in range(batch_size)
     ]
     return torch.cat(samples).to(device)
