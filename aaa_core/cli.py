@@ -11,11 +11,13 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_output
 from .devices import resolve_device, resolve_dtype
 from .errors import AAAError, InputError
+from .guards import out_of_memory_as_error
 from .images import open_rgb
 
 log = logging.getLogger("aaa_core")
@@ -74,17 +76,30 @@ def generate(args: argparse.Namespace) -> list[Path]:
     settings.check_image(args.image is not None)
     paths = output_paths(args.output, args.batch_size)
     device = resolve_device(args.device, "--device")
-    resolve_dtype(args.dtype, device, "--dtype")
+    dtype = resolve_dtype(args.dtype, device, "--dtype")
     image = open_rgb(args.image) if args.image else None
-    pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, str(device), args.dtype, args.model_dir)
-    with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
-        images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
+
+    with out_of_memory_as_error(f"loading the models on {device} in {dtype}", _memory_advice(dtype, generating=False)):
+        pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, str(device), args.dtype, args.model_dir)
+    doing = f"generating {settings.batch_size} image(s) of {settings.width}x{settings.height} on {device} in {dtype}"
+    with out_of_memory_as_error(doing, _memory_advice(dtype, generating=True)):
+        with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+            images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
     made = provenance(args.dit, args.text_encoder, args.vae, pipe.dtype, args.image)
     for index, (path, picture) in enumerate(zip(paths, images)):
         with atomic_output(path) as tmp:
             picture.save(tmp, format="PNG", pnginfo=png_info(settings, index, made))
         log.info("wrote %s", path)
     return paths
+
+
+def _memory_advice(dtype: torch.dtype, generating: bool) -> str:
+    """What to reduce after an out-of-memory error."""
+    options = ["reduce --batch-size", "reduce --width/--height"] if generating else []
+    if dtype == torch.float32:
+        options.append("use --dtype bfloat16")
+    options.append("or use another --device" if options else "use another --device")
+    return ", ".join(options)
 
 
 def main(argv: list[str] | None = None) -> int:

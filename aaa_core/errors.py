@@ -15,3 +15,7 @@ class ModelFileError(AAAError):
 
 class InputError(AAAError, ValueError):
     """A size, prompt, image or option is invalid."""
+
+
+class ComputeError(AAAError):
+    """A computation could not finish usefully: out of memory, or numbers that overflowed to NaN/inf."""

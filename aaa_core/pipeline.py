@@ -18,6 +18,7 @@ from . import downloads
 from .devices import resolve_device, resolve_dtype
 from .dit import AAADiT, load_dit
 from .errors import InputError
+from .guards import require_finite
 from .images import pil_to_tensor, resize_cover, tensor_to_pil
 from .limits import MAX_BATCH_SIZE, MAX_STEPS, SEED_MAX, check_finite, check_int_range, check_text
 from .sampling import StepCallback, latent_size, make_noise, sample
@@ -83,8 +84,10 @@ def _one_at_a_time(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tens
 
 
 def decode_latents(vae: Flux2VAE, latents: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:
-    """Latents ``(B,128,h,w)`` -> images ``(B,3,16h,16w)`` in about [-1, 1], one sample at a time."""
-    return _one_at_a_time(vae.decode, latents, vae, callback)
+    """Latents ``(B,128,h,w)`` -> images ``(B,3,16h,16w)`` in about [-1, 1], one sample at a time.
+
+    Images with NaN/inf pixels are refused (they would be saved as black)."""
+    return require_finite(_one_at_a_time(vae.decode, latents, vae, callback), "decoded images", vae.dtype, inputs=latents)
 
 
 def encode_images(vae: Flux2VAE, images: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:

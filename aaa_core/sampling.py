@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import InputError
+from .guards import require_finite
 from .limits import MAX_RESOLUTION, SEED_MAX
 from .scheduler import flux2_sigmas, sigmas_to_timesteps
 
@@ -81,6 +82,9 @@ def sample(
 ) -> torch.Tensor:
     """Runs Euler sampling and returns clean latents ``(B,128,h,w)`` in ``noise``'s dtype.
 
+    Latents that overflowed to NaN/inf are refused here with a one-line error naming the likely
+    cause, so no caller decodes them into a black image.
+
     ``positive``/``negative`` are prompt embeddings ``(B or 1, L, D)``; ``negative`` is unused
     when ``cfg == 1``. With ``init_latents`` (img2img) sampling starts from those latents noised
     to the first sigma of a ``denoise``-shortened schedule.
@@ -109,7 +113,7 @@ def sample(
         if callback is not None:
             callback(i + 1, steps, latents - sigmas[i] * velocity)
         latents = latents + velocity * step_size
-    return latents
+    return require_finite(latents, "sampled latents", noise.dtype, cfg, inputs=init_latents)
 
 
 def _batch_prompts(positive: torch.Tensor, negative: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,25 @@ def test_sampler_refuses_nan_and_inf_that_comfyui_lets_through(models, prompts, 
     assert one_line_error(excinfo) == expected
 
 
+def test_sampler_refuses_latents_that_overflowed(models, prompts):
+    positive, negative = prompts
+    (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
+    with pytest.raises(errors.ComputeError) as excinfo:
+        node("AAASampler")(models.dit, positive, negative, latent, seed=0, steps=2, cfg=1e38, denoise=1.0)
+    assert one_line_error(excinfo) == (
+        "sampled latents hold 512 NaN/inf values out of 512: cfg 1e+38 is too large: use a value between 1 and 15"
+    )
+
+
+def test_sampler_names_a_nan_input_latent_as_the_cause(models, prompts):
+    positive, negative = prompts
+    samples = torch.zeros(1, 128, 2, 2)
+    samples[0, 0, 0, 0] = float("nan")
+    with pytest.raises(errors.ComputeError) as excinfo:
+        node("AAASampler")(models.dit, positive, negative, {"samples": samples}, seed=0, steps=2, cfg=10.0, denoise=0.5)
+    assert one_line_error(excinfo).endswith(": its input latents already hold NaN/inf (made by a node or step that failed before)")
+
+
 def test_sampler_wraps_seeds_past_the_last_exactly_as_the_core(models, prompts):
     positive, negative = prompts
     (latent,) = node("AAAEmptyLatentImage")(width=16, height=16, batch_size=2)
