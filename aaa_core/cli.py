@@ -1,7 +1,9 @@
 """The headless command line: ``python -m aaa_core generate --prompt ... --output out.png``.
 
-Errors caused by input (bad sizes, missing or wrong model files) print one line and exit 1;
-no partial image is ever left behind.
+Errors caused by input (bad sizes, missing or wrong model files, unwritable outputs) print one
+line that names the flag or file and exit 1; every cheap check runs before any model is loaded.
+No partial image is ever left behind: a batch is written to temp files and renamed only when
+every image is complete, and temps left by a killed run are swept from the output folder.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_output
 from .devices import resolve_device, resolve_dtype
 from .errors import AAAError, InputError
 from .guards import out_of_memory_as_error
 from .images import open_rgb
+from .outputs import atomic_outputs, check_writable, sweep_temp_files
 
 log = logging.getLogger("aaa_core")
 
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-dir", type=Path, help="where downloaded models are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    gen.add_argument("--output", type=Path, required=True, help="output PNG; a batch writes NAME_0.png, NAME_1.png, ...")
+    gen.add_argument("--output", type=Path, required=True, help="output PNG; a batch writes NAME_0.png, NAME_1.png, ...; missing folders are created")
     return parser
 
 
@@ -75,9 +77,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
     )
     settings.check_image(args.image is not None)
     paths = output_paths(args.output, args.batch_size)
+    check_writable(paths)
     device = resolve_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device, "--dtype")
     image = open_rgb(args.image) if args.image else None
+    sweep_temp_files(paths[0].parent)
 
     with out_of_memory_as_error(f"loading the models on {device} in {dtype}", _memory_advice(dtype, generating=False)):
         pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, str(device), args.dtype, args.model_dir)
@@ -86,9 +90,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
         with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
             images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
     made = provenance(args.dit, args.text_encoder, args.vae, pipe.dtype, args.image)
-    for index, (path, picture) in enumerate(zip(paths, images)):
-        with atomic_output(path) as tmp:
-            picture.save(tmp, format="PNG", pnginfo=png_info(settings, index, made))
+    with atomic_outputs(paths) as temps:
+        for index, (temp, picture) in enumerate(zip(temps, images)):
+            picture.save(temp, format="PNG", pnginfo=png_info(settings, index, made))
+    for path in paths:
         log.info("wrote %s", path)
     return paths
 

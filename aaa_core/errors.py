@@ -17,5 +17,9 @@ class InputError(AAAError, ValueError):
     """A size, prompt, image or option is invalid."""
 
 
+class OutputError(AAAError):
+    """An output file cannot be written: a folder in the way, no permission, read-only, disk full."""
+
+
 class ComputeError(AAAError):
     """A computation could not finish usefully: out of memory, or numbers that overflowed to NaN/inf."""
