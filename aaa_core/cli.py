@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from tqdm import tqdm
@@ -31,8 +32,16 @@ SETTING_FLAGS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes (``--width abc``, a missing ``--prompt``) print one line, like every other
+    error, instead of the whole usage text; the exit status stays argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aaa_core", description="AAADiT text-to-image, headless.")
+    parser = OneLineParser(prog="python -m aaa_core", description="AAADiT text-to-image, headless.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate images from a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("--prompt", required=True, help="what to draw")

@@ -89,6 +89,20 @@ def test_bad_values_are_one_line_errors_naming_the_flag(tmp_path, capsys, monkey
     assert files_in(tmp_path) == ["in.png"]  # not even the output folder
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x", "--width", "abc", "--output", "x.png"], "error: argument --width: invalid int value: 'abc' (see python -m aaa_core generate --help)"),
+        (["--output", "x.png"], "error: the following arguments are required: --prompt (see python -m aaa_core generate --help)"),
+    ],
+)
+def test_usage_mistakes_are_one_line_too(capsys, args, message):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["generate", *args])
+    assert excinfo.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
 def test_a_cuda_device_that_is_not_there_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
