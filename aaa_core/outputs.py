@@ -1,9 +1,9 @@
 """Writing output files safely: checks before any work, atomic writes, and temp files that can be swept.
 
-Every file we write (PNGs, checkpoints, caches) goes through :func:`atomic_outputs`: the writer
-fills a private temp folder beside the target, and the file is renamed to its final name only
-once it is complete. The temp folder also catches a writer's own temp files (safetensors writes
-through one), so nothing else is left when a run is killed.
+With :func:`atomic_outputs` (the CLI's PNGs, safetensors files, the trainer's small files) the
+writer fills a private temp folder beside the target, and the file is renamed to its final
+name only once it is complete. The temp folder also catches a writer's own temp files
+(safetensors writes through one), so nothing else is left when a run is killed.
 
 Temp folders are named ``.<first 40 characters of the name>.<pid>-<8 hex>.aaa-tmp``: short, so a
 target name near the file system's limit still works, and recognisable, so
