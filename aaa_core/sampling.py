@@ -42,6 +42,11 @@ def latent_size(width: int, height: int, names: tuple[str, str] = ("width", "hei
     return height // DOWNSCALE, width // DOWNSCALE
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The noise seed of image ``index`` of a batch: ``seed + index``, wrapping past 2**64 - 1 to 0."""
+    return (seed + index) % (SEED_MAX + 1)
+
+
 def make_noise(
     seed: int,
     batch_size: int,
@@ -50,7 +55,7 @@ def make_noise(
     dtype: torch.dtype = torch.float32,
     device: "str | torch.device" = "cpu",
 ) -> torch.Tensor:
-    """Gaussian noise ``(B,128,h,w)``; sample ``i`` uses seed ``seed + i``, wrapped to stay below 2**64.
+    """Gaussian noise ``(B,128,h,w)``; sample ``i`` uses seed ``batch_seed(seed, i)``.
 
     Each sample is drawn on its own CPU generator in ``dtype`` (not drawn in float32 and cast),
     exactly as the reference draws its batch-1 noise, so image ``i`` of a batch is the image
@@ -58,7 +63,7 @@ def make_noise(
     """
     shape = (1, LATENT_CHANNELS, latent_height, latent_width)
     samples = [
-        torch.randn(shape, generator=torch.Generator("cpu").manual_seed((seed + i) % (SEED_MAX + 1)), dtype=dtype)
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(batch_seed(seed, i)), dtype=dtype)
         for i in range(batch_size)
     ]
     return torch.cat(samples).to(device)

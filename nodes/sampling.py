@@ -14,7 +14,7 @@ import torch
 
 from ..aaa_core.errors import InputError
 from ..aaa_core.limits import MAX_STEPS, SEED_MAX, check_finite
-from ..aaa_core.sampling import make_noise, sample
+from ..aaa_core.sampling import batch_seed, make_noise, sample
 from . import comfy_bridge as bridge
 from .conditioning import conditioning_embeds
 from .latent import latent_samples
@@ -85,7 +85,7 @@ class AAASampler:
 
 
 def reference_noise(seed: int, latent_image: dict, dtype: torch.dtype = torch.float32, device: "str | torch.device" = "cpu") -> torch.Tensor:
-    """The reference's noise for a LATENT: image i uses seed + i (``make_noise``), drawn in ``dtype``.
+    """The reference's noise for a LATENT: image i uses seed + i (``batch_seed``, as the CLI), drawn in ``dtype``.
 
     After Latent From Batch, ComfyUI's ``batch_index`` keeps each image's own seed.
     """
@@ -93,7 +93,7 @@ def reference_noise(seed: int, latent_image: dict, dtype: torch.dtype = torch.fl
     offsets = latent_image.get("batch_index")
     if not offsets or len(offsets) != batch:
         offsets = range(batch)
-    return torch.cat([make_noise((seed + k) % (SEED_MAX + 1), 1, height, width, dtype, device) for k in offsets])
+    return torch.cat([make_noise(batch_seed(seed, k), 1, height, width, dtype, device) for k in offsets])
 
 
 def _step_callback(steps: int, device: torch.device):

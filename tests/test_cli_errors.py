@@ -274,5 +274,7 @@ def test_the_last_seed_wraps_to_zero_as_in_the_node(models, tmp_path, capsys):
     assert code == 0, err
     code, err = run([*base, "--seed", "0", "--output", str(tmp_path / "zero.png")], capsys)
     assert code == 0, err
-    diff = np.abs(np.array(Image.open(tmp_path / "b_1.png"), dtype=int) - np.array(Image.open(tmp_path / "zero.png"), dtype=int))
-    assert diff.max() <= 1  # image 1 of the batch is seed 0 (up to batched-matmul rounding)
+    with Image.open(tmp_path / "b_1.png") as last, Image.open(tmp_path / "zero.png") as zero:
+        diff = np.abs(np.array(last, dtype=int) - np.array(zero, dtype=int))
+        assert diff.max() <= 1  # image 1 of the batch is seed 0 (up to batched-matmul rounding)
+        assert "seed: 0," in last.text["parameters"]  # and its PNG says so
