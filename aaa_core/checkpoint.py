@@ -166,5 +166,5 @@ def save_safetensors(
             # safetensors reports I/O failures as its own error; as an OSError they get the usual one-line message
             code = re.search(r"\(os error (\d+)\)", str(err))
             if code is None:
-                raise OutputError(f"{path}: cannot be written ({err})") from None
+                raise OutputError(path, str(err)) from None
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None

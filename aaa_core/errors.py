@@ -18,7 +18,15 @@ class InputError(AAAError, ValueError):
 
 
 class OutputError(AAAError):
-    """An output file cannot be written: a folder in the way, no permission, read-only, disk full."""
+    """An output file cannot be written: a folder in the way, no permission, read-only, disk full.
+
+    ``path`` and ``reason`` are kept apart so a caller can restate the error in its own terms.
+    """
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: cannot be written: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class ComputeError(AAAError):

@@ -117,7 +117,7 @@ def check_writable(paths: Iterable["str | os.PathLike[str]"]) -> None:
         try:
             _check_one(path)
         except OSError as err:
-            raise OutputError(_message(path, err)) from None
+            raise OutputError(path, _reason(err)) from None
 
 
 def _check_one(path: Path) -> None:
@@ -174,7 +174,7 @@ def atomic_outputs(paths: Sequence["str | os.PathLike[str]"]) -> Iterator[list[P
         for temp, target in zip(temps, targets):
             os.replace(temp, target)
     except OSError as err:
-        raise OutputError(_message(_target_of(err, folders, targets), err)) from None
+        raise OutputError(_target_of(err, folders, targets), _reason(err)) from None
     finally:
         for folder in folders:
             _remove_quietly(folder)
@@ -197,9 +197,8 @@ def _target_of(err: OSError, folders: list[Path], targets: list[Path]) -> "Path 
     return targets[0] if len(targets) == 1 else f"{targets[0]} (and {len(targets) - 1} more)"
 
 
-def _message(target: "Path | str", err: OSError) -> str:
-    reason = _REASONS.get(err.errno) or err.strerror or str(err)
-    return f"{target}: cannot be written: {reason}"
+def _reason(err: OSError) -> str:
+    return _REASONS.get(err.errno) or err.strerror or str(err)
 
 
 def _remove_quietly(path: Path) -> None:
