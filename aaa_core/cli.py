@@ -90,7 +90,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     device = resolve_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device, "--dtype")
     image = open_rgb(args.image) if args.image else None
-    sweep_temp_files(paths[0].parent)
+    for left_over in sweep_temp_files(paths[0].parent):
+        log.info("deleted %s (left by an interrupted run)", left_over)
 
     with out_of_memory_as_error(f"loading the models on {device} in {dtype}", _memory_advice(dtype, generating=False)):
         pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, str(device), args.dtype, args.model_dir)

@@ -7,8 +7,9 @@ name only once it is complete. The temp folder also catches a writer's own temp 
 
 Temp folders are named ``.<first 40 characters of the name>.<pid>-<8 hex>.aaa-tmp``: short, so a
 target name near the file system's limit still works, and recognisable, so
-:func:`sweep_temp_files` can remove those of a killed run. A temp is stale when the process that
-made it is gone (on Windows, where that cannot be asked safely, when it is over a day old).
+:func:`sweep_temp_files` can remove those of a killed run (and no file of anyone else). A temp
+is stale when the process that made it is gone (on Windows, where that cannot be asked safely,
+when it is over a day old).
 Any OS error becomes a one-line :class:`OutputError` that names the target and what to do.
 """
 
@@ -31,9 +32,8 @@ log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".aaa-tmp"
 _NAME_PART = 40  # characters of the target's name kept in its temp name, for a human reading a listing
-_TEMP_NAME = re.compile(r"\..*\.(\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX), re.DOTALL)
+_TEMP_NAME = re.compile(r"\..*?(?:\.(\d+)-[0-9a-f]{8})?" + re.escape(TEMP_SUFFIX), re.DOTALL)
 _STALE_AFTER_S = 24 * 3600  # where the writer's pid cannot be checked (Windows)
-_in_flight: set[Path] = set()  # this process's temps being written: never swept
 
 _PERMISSION = "no permission to write there: write elsewhere or fix the folder's permissions"
 _A_FILE_IN_THE_WAY = "a part of the path is a file, not a folder"
@@ -54,50 +54,54 @@ _REASONS = {
 }
 
 
-def temp_path_for(path: "str | os.PathLike[str]") -> Path:
-    """A fresh temp name beside ``path`` that :func:`is_temp_file` recognises."""
+def temp_path_for(path: "str | os.PathLike[str]", shared: bool = False) -> Path:
+    """A temp name beside ``path`` that :func:`is_temp_file` recognises.
+
+    Fresh for every call (it names this process), unless ``shared``: then it is the same in
+    every process, for a folder that several processes fill together (the trainer's states).
+    """
     path = Path(path)
-    return path.with_name(f".{path.name[:_NAME_PART]}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+    unique = "" if shared else f".{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.with_name(f".{path.name[:_NAME_PART]}{unique}{TEMP_SUFFIX}")
 
 
 def is_temp_file(path: "str | os.PathLike[str]") -> bool:
-    """True if ``path`` is named like a temp file or folder of :func:`atomic_outputs`."""
+    """True if ``path`` is named like a temp of :func:`temp_path_for` (file or folder)."""
     return _TEMP_NAME.fullmatch(Path(path).name) is not None
 
 
 def sweep_temp_files(folder: "str | os.PathLike[str]") -> list[Path]:
-    """Removes the stale temps (files or folders) of killed runs directly inside ``folder``.
+    """Removes the temps (files or folders) that killed runs left directly inside ``folder``; returns them.
 
-    Returns what was removed. Temps of live processes, this one included, are left alone. A
-    folder that does not exist or cannot be listed has nothing to sweep.
+    Call it before this process writes there. A temp that names another process still
+    running is left alone, so two runs can share an output folder; shared temps name no
+    process and are always removed. A folder that does not exist or cannot be listed has
+    nothing to sweep.
     """
-    removed = []
     try:
-        entries = list(Path(folder).iterdir())
+        entries = sorted(Path(folder).iterdir())
     except OSError:
-        return removed
+        return []
+    removed = []
     for entry in entries:
         if is_temp_file(entry) and _is_stale(entry):
             _remove_quietly(entry)
             if not os.path.lexists(entry):
-                log.info("removed %s, left by a run that was stopped while writing", entry)
                 removed.append(entry)
     return removed
 
 
 def _is_stale(temp: Path) -> bool:
-    if temp in _in_flight:
-        return False
-    pid = int(_TEMP_NAME.fullmatch(temp.name).group(1))
+    pid = _TEMP_NAME.fullmatch(temp.name).group(1)
+    if pid is None or int(pid) == os.getpid():  # shared, or an earlier process with our pid (containers reuse them)
+        return True
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
         try:
             return time.time() - temp.lstat().st_mtime > _STALE_AFTER_S
         except OSError:
             return False
-    if pid == os.getpid():
-        return True  # an earlier process with our pid (containers reuse them); ours are in _in_flight
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except OSError:  # the process exists but belongs to someone else
@@ -161,7 +165,6 @@ def atomic_outputs(paths: Sequence["str | os.PathLike[str]"]) -> Iterator[list[P
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             folder = temp_path_for(target)
-            _in_flight.add(folder)
             folders.append(folder)
             folder.mkdir()
         temps = [folder / target.name for folder, target in zip(folders, targets)]
@@ -178,7 +181,6 @@ def atomic_outputs(paths: Sequence["str | os.PathLike[str]"]) -> Iterator[list[P
     finally:
         for folder in folders:
             _remove_quietly(folder)
-            _in_flight.discard(folder)
 
 
 @contextlib.contextmanager

@@ -40,10 +40,11 @@ def test_temp_names_stay_short_so_a_name_at_the_limit_still_works(tmp_path):
     assert os.listdir(tmp_path) == [name]
 
 
-def test_is_temp_file_knows_only_its_own_pattern():
-    assert is_temp_file(".out.png.1234-0123abcd.aaa-tmp")
-    for name in ("out.png", ".out.png.tmp", ".step-000010.tmp", ".out.png.1234-0123abcd.tmp", ".x.12-zzzzzzzz.aaa-tmp"):
-        assert not is_temp_file(name), name
+def test_is_temp_file_knows_only_its_own_pattern(tmp_path):
+    assert is_temp_file(".out.png.1234-0123abcd.aaa-tmp") and is_temp_file(".step-000010.aaa-tmp")
+    assert temp_path_for(tmp_path / "step-000010", shared=True) == tmp_path / ".step-000010.aaa-tmp"
+    for name in ("out.png", ".out.png.tmp", ".step-000010.tmp", ".notes.tmp", "out.aaa-tmp", ".out.png.1234-0123abcd.tmp"):
+        assert not is_temp_file(name), name  # a user's own hidden .tmp files are never swept
 
 
 def test_a_batch_is_renamed_only_when_every_file_was_written(tmp_path):
@@ -99,14 +100,13 @@ def test_sweep_removes_only_the_stale_temps_of_dead_processes(tmp_path):
     (stale_folder / ".tmpQkDAyC").write_bytes(b"safetensors' own temp")
     stale_file = temp_of(tmp_path / "out.png", dead_pid())
     stale_file.write_bytes(b"half")
+    shared = temp_path_for(tmp_path / "step-000003", shared=True)  # names no process: always stale
+    shared.mkdir()
     live = temp_of(tmp_path / "live.png", os.getppid())  # our parent is alive
     live.write_bytes(b"being written")
-    (tmp_path / "keep.tmp").write_bytes(b"not ours")
-    with atomic_output(tmp_path / "mine.png") as tmp:  # in flight in this very process
-        tmp.write_bytes(b"png")
-        assert sorted(sweep_temp_files(tmp_path)) == sorted([stale_folder, stale_file])
-        assert tmp.exists()
-    assert sorted(os.listdir(tmp_path)) == sorted(["keep.tmp", "mine.png", live.name])
+    (tmp_path / ".keep.tmp").write_bytes(b"not ours")
+    assert sweep_temp_files(tmp_path) == sorted([stale_folder, stale_file, shared])
+    assert sorted(os.listdir(tmp_path)) == sorted([".keep.tmp", live.name])
     assert sweep_temp_files(tmp_path / "missing") == []
 
 
