@@ -21,6 +21,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import AAAError, InputError
 from .guards import out_of_memory_as_error
 from .images import open_rgb
+from .limits import MAX_BATCH_SIZE, MAX_RESOLUTION, MAX_STEPS
 from .outputs import atomic_outputs, check_writable, sweep_temp_files
 
 log = logging.getLogger("aaa_core")
@@ -46,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("--prompt", required=True, help="what to draw")
     gen.add_argument("--negative-prompt", default=" ", help="what to steer away from (used when --cfg is not 1)")
-    gen.add_argument("--steps", type=int, default=30, help="Euler sampling steps")
+    gen.add_argument("--steps", type=int, default=30, help=f"Euler sampling steps, up to {MAX_STEPS}")
     gen.add_argument("--cfg", type=float, default=10.0, help="classifier-free guidance scale; 1 disables the negative pass")
     gen.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**64-1; image i of a batch uses seed+i (wrapping past 2**64-1 to 0)")
-    gen.add_argument("--width", type=int, default=256, help="image width, a multiple of 16 up to 8192")
-    gen.add_argument("--height", type=int, default=256, help="image height, a multiple of 16 up to 8192")
-    gen.add_argument("--batch-size", type=int, default=1, help="images per run, up to 4096")
+    gen.add_argument("--width", type=int, default=256, help=f"image width, a multiple of 16 up to {MAX_RESOLUTION}")
+    gen.add_argument("--height", type=int, default=256, help=f"image height, a multiple of 16 up to {MAX_RESOLUTION}")
+    gen.add_argument("--batch-size", type=int, default=1, help=f"images per run, up to {MAX_BATCH_SIZE}")
     gen.add_argument("--image", type=Path, help="input image for image-to-image")
     gen.add_argument("--denoise", type=float, default=None, help="image-to-image strength in (0, 1]; default 0.6 with --image, else 1")
     gen.add_argument("--dit", type=Path, help="AAADiT .safetensors (default: download step-600000 from ModelScope)")
