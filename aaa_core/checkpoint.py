@@ -7,10 +7,8 @@ wrong model picked in a dropdown) into a one-line :class:`ModelFileError` that n
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import uuid
+import re
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -18,7 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import ModelFileError
+from .errors import ModelFileError, OutputError
+# The write side lives in outputs.py; these names are imported from here by the trainer too.
+from .outputs import atomic_output, is_temp_file, sweep_temp_files, temp_path_for  # noqa: F401
 
 # One signature per model kind: keys that only that model's state dict has.
 AAADIT = "aaadit"
@@ -151,57 +151,6 @@ def adopt_state_dict(
     return model.eval().requires_grad_(False)
 
 
-@contextlib.contextmanager
-def atomic_output(path: "str | os.PathLike[str]") -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; renames it over ``path`` only on success.
-
-    A crash, Ctrl-C or exception while writing leaves no partial file behind, and an
-    existing file at ``path`` stays intact until the new one is complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _default_file_mode())  # some writers (safetensors) create files 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def is_temp_file(path: "str | os.PathLike[str]") -> bool:
-    """True for a temporary name left by an interrupted atomic write: hidden and ending in ``.tmp``.
-
-    :func:`atomic_output` names its files ``.NAME.<pid>.<random>.tmp``; the trainer's state
-    folders are built as ``.step-N.tmp``. Both match, so one sweep finds what a kill left.
-    """
-    name = Path(path).name
-    return name.startswith(".") and name.endswith(".tmp")
-
-
-def sweep_temp_files(folder: "str | os.PathLike[str]") -> list[Path]:
-    """Deletes the temporary files and folders a killed writer left directly in ``folder``; returns them."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    swept = sorted(p for p in folder.iterdir() if is_temp_file(p))
-    for path in swept:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return swept
-
-
-def _default_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give: 0666 minus the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor],
     path: "str | os.PathLike[str]",
@@ -211,4 +160,11 @@ def save_safetensors(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as err:
+            # safetensors reports I/O failures as its own error; as an OSError they get the usual one-line message
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise OutputError(path, str(err)) from None
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None

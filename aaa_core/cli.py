@@ -1,7 +1,9 @@
 """The headless command line: ``python -m aaa_core generate --prompt ... --output out.png``.
 
-Errors caused by input (bad sizes, missing or wrong model files) print one line and exit 1;
-no partial image is ever left behind.
+Errors caused by input (bad sizes, missing or wrong model files, unwritable outputs) print one
+line that names the flag or file and exit 1; every cheap check runs before any model is loaded.
+No partial image is ever left behind: a batch is written to temp files and renamed only when
+every image is complete, and temps left by a killed run are swept from the output folder.
 """
 
 from __future__ import annotations
@@ -10,28 +12,47 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_output
+from .devices import resolve_device, resolve_dtype
 from .errors import AAAError, InputError
+from .guards import out_of_memory_as_error
 from .images import open_rgb
+from .limits import MAX_BATCH_SIZE, MAX_RESOLUTION, MAX_STEPS
+from .outputs import atomic_outputs, check_writable, sweep_temp_files
 
 log = logging.getLogger("aaa_core")
 
+# The flag that sets each GenerationSettings field, so that its errors name what to change.
+SETTING_FLAGS = {
+    "prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps", "cfg": "--cfg",
+    "seed": "--seed", "width": "--width", "height": "--height", "batch_size": "--batch-size", "denoise": "--denoise",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes (``--width abc``, a missing ``--prompt``) print one line, like every other
+    error, instead of the whole usage text; the exit status stays argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aaa_core", description="AAADiT text-to-image, headless.")
+    parser = OneLineParser(prog="python -m aaa_core", description="AAADiT text-to-image, headless.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate images from a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("--prompt", required=True, help="what to draw")
     gen.add_argument("--negative-prompt", default=" ", help="what to steer away from (used when --cfg is not 1)")
-    gen.add_argument("--steps", type=int, default=30, help="Euler sampling steps")
+    gen.add_argument("--steps", type=int, default=30, help=f"Euler sampling steps, up to {MAX_STEPS}")
     gen.add_argument("--cfg", type=float, default=10.0, help="classifier-free guidance scale; 1 disables the negative pass")
-    gen.add_argument("--seed", type=int, default=0, help="noise seed; image i of a batch uses seed+i")
-    gen.add_argument("--width", type=int, default=256, help="image width, a multiple of 16")
-    gen.add_argument("--height", type=int, default=256, help="image height, a multiple of 16")
-    gen.add_argument("--batch-size", type=int, default=1, help="images per run")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**64-1; image i of a batch uses seed+i (wrapping past 2**64-1 to 0)")
+    gen.add_argument("--width", type=int, default=256, help=f"image width, a multiple of 16 up to {MAX_RESOLUTION}")
+    gen.add_argument("--height", type=int, default=256, help=f"image height, a multiple of 16 up to {MAX_RESOLUTION}")
+    gen.add_argument("--batch-size", type=int, default=1, help=f"images per run, up to {MAX_BATCH_SIZE}")
     gen.add_argument("--image", type=Path, help="input image for image-to-image")
     gen.add_argument("--denoise", type=float, default=None, help="image-to-image strength in (0, 1]; default 0.6 with --image, else 1")
     gen.add_argument("--dit", type=Path, help="AAADiT .safetensors (default: download step-600000 from ModelScope)")
@@ -40,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-dir", type=Path, help="where downloaded models are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    gen.add_argument("--output", type=Path, required=True, help="output PNG; a batch writes NAME_0.png, NAME_1.png, ...")
+    gen.add_argument("--output", type=Path, required=True, help="output PNG; a batch writes NAME_0.png, NAME_1.png, ...; missing folders are created")
     return parser
 
 
@@ -62,19 +83,39 @@ def generate(args: argparse.Namespace) -> list[Path]:
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
         seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, denoise=denoise,
+        names=SETTING_FLAGS,
     )
     settings.check_image(args.image is not None)
     paths = output_paths(args.output, args.batch_size)
+    check_writable(paths)
+    device = resolve_device(args.device, "--device")
+    dtype = resolve_dtype(args.dtype, device, "--dtype")
     image = open_rgb(args.image) if args.image else None
-    pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, args.device, args.dtype, args.model_dir)
-    with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
-        images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
+    for left_over in sweep_temp_files(paths[0].parent):
+        log.info("deleted %s (left by an interrupted run)", left_over)
+
+    with out_of_memory_as_error(f"loading the models on {device} in {dtype}", _memory_advice(dtype, generating=False)):
+        pipe = AAAPipeline.from_files(args.dit, args.vae, args.text_encoder, str(device), args.dtype, args.model_dir)
+    doing = f"generating {settings.batch_size} image(s) of {settings.width}x{settings.height} on {device} in {dtype}"
+    with out_of_memory_as_error(doing, _memory_advice(dtype, generating=True)):
+        with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+            images = pipe.generate(settings, image, callback=lambda done, total, x0: bar.update(1))
     made = provenance(args.dit, args.text_encoder, args.vae, pipe.dtype, args.image)
-    for index, (path, picture) in enumerate(zip(paths, images)):
-        with atomic_output(path) as tmp:
-            picture.save(tmp, format="PNG", pnginfo=png_info(settings, index, made))
+    with atomic_outputs(paths) as temps:
+        for index, (temp, picture) in enumerate(zip(temps, images)):
+            picture.save(temp, format="PNG", pnginfo=png_info(settings, index, made))
+    for path in paths:
         log.info("wrote %s", path)
     return paths
+
+
+def _memory_advice(dtype: torch.dtype, generating: bool) -> str:
+    """What to reduce after an out-of-memory error."""
+    options = ["reduce --batch-size", "reduce --width/--height"] if generating else []
+    if dtype == torch.float32:
+        options.append("use --dtype bfloat16")
+    options.append("or use another --device" if options else "use another --device")
+    return ", ".join(options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,3 +15,19 @@ class ModelFileError(AAAError):
 
 class InputError(AAAError, ValueError):
     """A size, prompt, image or option is invalid."""
+
+
+class OutputError(AAAError):
+    """An output file cannot be written: a folder in the way, no permission, read-only, disk full.
+
+    ``path`` and ``reason`` are kept apart so a caller can restate the error in its own terms.
+    """
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: cannot be written: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ComputeError(AAAError):
+    """A computation could not finish usefully: out of memory, or numbers that overflowed to NaN/inf."""

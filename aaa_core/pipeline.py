@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from PIL import Image
@@ -18,7 +18,9 @@ from . import downloads
 from .devices import resolve_device, resolve_dtype
 from .dit import AAADiT, load_dit
 from .errors import InputError
+from .guards import require_finite
 from .images import pil_to_tensor, resize_cover, tensor_to_pil
+from .limits import MAX_BATCH_SIZE, MAX_STEPS, SEED_MAX, check_finite, check_int_range, check_text
 from .sampling import StepCallback, latent_size, make_noise, sample
 from .text_encoder import Qwen3TextEncoder, load_text_encoder
 from .vae import Flux2VAE, load_vae
@@ -41,17 +43,21 @@ class GenerationSettings:
     height: int = 256
     batch_size: int = 1
     denoise: float = 1.0
+    # What errors call each field (the CLI passes its flags); not stored.
+    names: dataclasses.InitVar[Mapping[str, str] | None] = None
 
-    def __post_init__(self) -> None:
-        latent_size(self.width, self.height)
-        if self.steps < 1:
-            raise InputError(f"steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise InputError(f"batch size must be at least 1, got {self.batch_size}")
+    def __post_init__(self, names: Mapping[str, str] | None) -> None:
+        name = {field.name: field.name for field in dataclasses.fields(self)} | dict(names or {})
+        check_text(name["prompt"], self.prompt)
+        check_text(name["negative_prompt"], self.negative_prompt)
+        check_int_range(name["steps"], self.steps, 1, MAX_STEPS)
+        check_finite(name["cfg"], self.cfg)
+        check_int_range(name["seed"], self.seed, 0, SEED_MAX)
+        latent_size(self.width, self.height, (name["width"], name["height"]))
+        check_int_range(name["batch_size"], self.batch_size, 1, MAX_BATCH_SIZE)
+        check_finite(name["denoise"], self.denoise)
         if not 0.0 < self.denoise <= 1.0:
-            raise InputError(f"denoise must be in (0, 1], got {self.denoise}")
-        if self.seed < 0:
-            raise InputError(f"seed must be non-negative, got {self.seed}")
+            raise InputError(f"{name['denoise']} {self.denoise}: must be in (0, 1]")
 
     def check_image(self, has_image: bool) -> None:
         """img2img strength needs an image to start from."""
@@ -78,8 +84,10 @@ def _one_at_a_time(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tens
 
 
 def decode_latents(vae: Flux2VAE, latents: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:
-    """Latents ``(B,128,h,w)`` -> images ``(B,3,16h,16w)`` in about [-1, 1], one sample at a time."""
-    return _one_at_a_time(vae.decode, latents, vae, callback)
+    """Latents ``(B,128,h,w)`` -> images ``(B,3,16h,16w)`` in about [-1, 1], one sample at a time.
+
+    Images with NaN/inf pixels are refused (they would be saved as black)."""
+    return require_finite(_one_at_a_time(vae.decode, latents, vae, callback), "decoded images", vae.dtype, inputs=latents)
 
 
 def encode_images(vae: Flux2VAE, images: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:

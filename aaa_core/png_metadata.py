@@ -24,6 +24,7 @@ from PIL import PngImagePlugin
 
 from .downloads import SOURCES
 from .pipeline import GenerationSettings
+from .sampling import batch_seed
 from .text_encoder import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,13 @@ def provenance(
 
 
 def image_settings(settings: GenerationSettings, index: int) -> GenerationSettings:
-    """The settings of image ``index`` of a batch on its own: it was sampled with seed + index."""
-    return dataclasses.replace(settings, seed=settings.seed + index, batch_size=1)
+    """The settings of image ``index`` of a batch on its own: it was sampled with seed + index (wrapped)."""
+    return dataclasses.replace(settings, seed=batch_seed(settings.seed, index), batch_size=1)
 
 
 def parameters_text(settings: GenerationSettings, index: int, made: Provenance) -> str:
     """The ``parameters`` chunk: the settings with this image's own seed, the files, dtype and input."""
-    own = dataclasses.replace(settings, seed=settings.seed + index)
+    own = dataclasses.replace(settings, seed=batch_seed(settings.seed, index))
     extra = {"dit": made.dit, "text_encoder": made.text_encoder, "vae": made.vae, "dtype": made.weight_dtype}
     if made.image is not None:
         extra["image"] = made.image

@@ -14,6 +14,8 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import InputError
+from .guards import require_finite
+from .limits import MAX_RESOLUTION, SEED_MAX
 from .scheduler import flux2_sigmas, sigmas_to_timesteps
 
 LATENT_CHANNELS = 128
@@ -29,12 +31,20 @@ class VelocityModel(Protocol):
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-def latent_size(width: int, height: int) -> tuple[int, int]:
-    """Latent (height, width) for an image size; both sides must be positive multiples of 16."""
-    for name, value in (("width", width), ("height", height)):
+def latent_size(width: int, height: int, names: tuple[str, str] = ("width", "height")) -> tuple[int, int]:
+    """Latent (height, width) for an image size; both sides must be positive multiples of 16 up to
+    ``MAX_RESOLUTION``. ``names`` are what errors call the two sides (e.g. CLI flags)."""
+    for name, value in zip(names, (width, height)):
+        if value > MAX_RESOLUTION:
+            raise InputError(f"{name} {value} is above the maximum of {MAX_RESOLUTION}")
         if value < DOWNSCALE or value % DOWNSCALE:
             raise InputError(f"{name} {value} is not a positive multiple of {DOWNSCALE}; try {max(DOWNSCALE, round(value / DOWNSCALE) * DOWNSCALE)}")
     return height // DOWNSCALE, width // DOWNSCALE
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The noise seed of image ``index`` of a batch: ``seed + index``, wrapping past 2**64 - 1 to 0."""
+    return (seed + index) % (SEED_MAX + 1)
 
 
 def make_noise(
@@ -45,7 +55,7 @@ def make_noise(
     dtype: torch.dtype = torch.float32,
     device: "str | torch.device" = "cpu",
 ) -> torch.Tensor:
-    """Gaussian noise ``(B,128,h,w)``; sample ``i`` uses seed ``seed + i``.
+    """Gaussian noise ``(B,128,h,w)``; sample ``i`` uses seed ``batch_seed(seed, i)``.
 
     Each sample is drawn on its own CPU generator in ``dtype`` (not drawn in float32 and cast),
     exactly as the reference draws its batch-1 noise, so image ``i`` of a batch is the image
@@ -53,7 +63,7 @@ def make_noise(
     """
     shape = (1, LATENT_CHANNELS, latent_height, latent_width)
     samples = [
-        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i), dtype=dtype)
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(batch_seed(seed, i)), dtype=dtype)
         for i in range(batch_size)
     ]
     return torch.cat(samples).to(device)
@@ -76,6 +86,9 @@ def sample(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Runs Euler sampling and returns clean latents ``(B,128,h,w)`` in ``noise``'s dtype.
+
+    Latents that overflowed to NaN/inf are refused here with a one-line error naming the likely
+    cause, so no caller decodes them into a black image.
 
     ``positive``/``negative`` are prompt embeddings ``(B or 1, L, D)``; ``negative`` is unused
     when ``cfg == 1``. With ``init_latents`` (img2img) sampling starts from those latents noised
@@ -105,7 +118,7 @@ def sample(
         if callback is not None:
             callback(i + 1, steps, latents - sigmas[i] * velocity)
         latents = latents + velocity * step_size
-    return latents
+    return require_finite(latents, "sampled latents", noise.dtype, cfg, inputs=init_latents)
 
 
 def _batch_prompts(positive: torch.Tensor, negative: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..aaa_core.errors import InputError
+from ..aaa_core.limits import check_text
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class AAATextEncode:
         }
 
     def encode(self, text_encoder: bridge.ManagedModel, text: str):
+        check_text("text", text)
         encoder = text_encoder.load(TEXT_ENCODE_MEMORY)
         embeds = encoder.encode([text])
         return ([[embeds.to(device=bridge.intermediate_device(), dtype=torch.float32), {}]],)

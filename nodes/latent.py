@@ -13,12 +13,12 @@ import torch
 
 from ..aaa_core import images
 from ..aaa_core.errors import InputError
+from ..aaa_core.limits import MAX_BATCH_SIZE, MAX_RESOLUTION, check_int_range
 from ..aaa_core.sampling import DOWNSCALE, LATENT_CHANNELS, latent_size
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
 
-MAX_RESOLUTION = 8192  # ComfyUI's nodes.MAX_RESOLUTION in the 2024 tree (16384 in 0.10)
 # VAE working memory per image pixel and byte of dtype: ComfyUI's own estimate for the FLUX.2 VAE
 # (comfy/sd.py, VAE.memory_used_decode/encode, AutoencoderKL with batch_norm_latent).
 DECODE_BYTES_PER_PIXEL = 2178
@@ -60,7 +60,7 @@ class AAAEmptyLatentImage:
             "required": {
                 "width": ("INT", {**size, "tooltip": "Image width in pixels, a multiple of 16; the model was trained at 256."}),
                 "height": ("INT", {**size, "tooltip": "Image height in pixels, a multiple of 16; the model was trained at 256."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images per run; image i uses seed + i."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH_SIZE, "tooltip": "Images per run; image i uses seed + i."}),
             }
         }
 
@@ -68,9 +68,6 @@ class AAAEmptyLatentImage:
     def VALIDATE_INPUTS(cls, width, height):
         # Taking width/height here makes ComfyUI skip its own min/max checks for them, so all
         # checks happen here; API prompts can send sizes the widget's step would not allow.
-        for name, value in (("width", width), ("height", height)):
-            if value > MAX_RESOLUTION:
-                return f"{name} {value} is above the maximum of {MAX_RESOLUTION}"
         try:
             latent_size(width, height)
         except InputError as err:
@@ -79,8 +76,7 @@ class AAAEmptyLatentImage:
 
     def generate(self, width: int, height: int, batch_size: int):
         latent_h, latent_w = latent_size(width, height)
-        if batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        check_int_range("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         samples = torch.zeros(batch_size, LATENT_CHANNELS, latent_h, latent_w, device=bridge.intermediate_device())
         return ({"samples": samples},)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from ..aaa_core.limits import MAX_STEPS, SEED_MAX
 from ..aaa_core.sampling import latent_size
 from ..aaa_core.scheduler import flux2_sigmas
 from .latent import latent_samples
-from .sampling import SEED_MAX, reference_noise
+from .sampling import reference_noise
 
 
 class ReferenceNoise:
@@ -63,7 +64,7 @@ class AAAFlux2Sigmas:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Sampling steps."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": MAX_STEPS, "tooltip": "Sampling steps."}),
                 "width": ("INT", {"default": 256, "min": 16, "max": 16384, "step": 16, "tooltip": "Image width in pixels (a multiple of 16)."}),
                 "height": ("INT", {"default": 256, "min": 16, "max": 16384, "step": 16, "tooltip": "Image height in pixels (a multiple of 16)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "1.0 starts from pure noise."}),

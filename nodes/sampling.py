@@ -13,7 +13,8 @@ import logging
 import torch
 
 from ..aaa_core.errors import InputError
-from ..aaa_core.sampling import make_noise, sample
+from ..aaa_core.limits import MAX_STEPS, SEED_MAX, check_finite
+from ..aaa_core.sampling import batch_seed, make_noise, sample
 from . import comfy_bridge as bridge
 from .conditioning import conditioning_embeds
 from .latent import latent_samples
@@ -21,8 +22,6 @@ from .native_dit import forward_memory
 from .native_model import sampling_handle
 
 log = logging.getLogger(__name__)
-
-SEED_MAX = 0xFFFFFFFFFFFFFFFF  # torch generators take seeds up to 2**64 - 1, as ComfyUI's KSampler offers
 
 
 class AAASampler:
@@ -44,7 +43,7 @@ class AAASampler:
                 "negative": ("CONDITIONING", {"tooltip": "What to steer away from (the reference uses a single space); unused at cfg 1.0."}),
                 "latent_image": ("LATENT", {"tooltip": "Sets size and batch (text-to-image), or the image to start from (denoise below 1.0)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "Noise seed; image i of a batch uses seed + i, as the CLI does."}),
-                "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Euler steps actually run (also with denoise below 1.0)."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": MAX_STEPS, "tooltip": "Euler steps actually run (also with denoise below 1.0)."}),
                 "cfg": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale; 10 is the reference, 1.0 skips the negative pass."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1.0 draws from pure noise; lower keeps more of the input latent (image-to-image strength)."}),
             }
@@ -58,6 +57,9 @@ class AAASampler:
         negative = conditioning_embeds(negative, "negative", width)
         if positive.shape[1] != negative.shape[1]:
             raise InputError(f"positive has {positive.shape[1]} tokens but negative {negative.shape[1]}; encode both with AAA Text Encode")
+        # ComfyUI's min/max widget checks let NaN through (every comparison with it is false).
+        check_finite("cfg", cfg)
+        check_finite("denoise", denoise)
         if not 0.0 <= denoise <= 1.0:
             raise InputError(f"denoise must be between 0 and 1, got {denoise}")
         result = dict(latent_image)  # a new dict: keeps the other keys, never changes the input
@@ -83,7 +85,7 @@ class AAASampler:
 
 
 def reference_noise(seed: int, latent_image: dict, dtype: torch.dtype = torch.float32, device: "str | torch.device" = "cpu") -> torch.Tensor:
-    """The reference's noise for a LATENT: image i uses seed + i (``make_noise``), drawn in ``dtype``.
+    """The reference's noise for a LATENT: image i uses seed + i (``batch_seed``, as the CLI), drawn in ``dtype``.
 
     After Latent From Batch, ComfyUI's ``batch_index`` keeps each image's own seed.
     """
@@ -91,7 +93,7 @@ def reference_noise(seed: int, latent_image: dict, dtype: torch.dtype = torch.fl
     offsets = latent_image.get("batch_index")
     if not offsets or len(offsets) != batch:
         offsets = range(batch)
-    return torch.cat([make_noise((seed + k) % (SEED_MAX + 1), 1, height, width, dtype, device) for k in offsets])
+    return torch.cat([make_noise(batch_seed(seed, k), 1, height, width, dtype, device) for k in offsets])
 
 
 def _step_callback(steps: int, device: torch.device):

@@ -100,8 +100,8 @@ def test_pipeline_low_denoise_stays_closer_to_the_input_than_high_denoise(models
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--width", "250"], "error: width 250 is not a positive multiple of 16; try 256"),
-        (["--steps", "0"], "error: steps must be at least 1"),
+        (["--width", "250"], "error: --width 250 is not a positive multiple of 16; try 256"),
+        (["--steps", "0"], "error: --steps 0: must be between 1 and 10000"),
         (["--denoise", "0.5"], "error: denoise 0.5 needs an input image"),
         (["--image", "missing.png"], "missing.png: image not found"),
         (["--output", "out.jpg"], "out.jpg: must end in .png"),

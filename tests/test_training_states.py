@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaa_core.checkpoint import atomic_output, read_safetensors, save_safetensors
+from aaa_core.checkpoint import atomic_output, read_safetensors, save_safetensors, temp_path_for
 from aaa_core.dit import load_dit
 from aaa_core.errors import InputError
 from test_training import argv, dataset, models, run  # noqa: F401 (fixtures)
@@ -151,8 +151,9 @@ def test_resume_continues_this_folders_run_and_sweeps_stale_temp_files(models, d
     progress = json.loads((foreign / "progress.json").read_text(encoding="utf-8"))
     (foreign / "progress.json").write_text(json.dumps({**progress, "run_id": "another-run", "step": 10}), encoding="utf-8")
     # What a kill -9 during saves leaves: a half-built state folder and atomic writes never renamed.
-    (states / ".step-000003.tmp").mkdir()
-    (states / ".step-000003.tmp" / "model.safetensors").write_bytes(b"half")
+    half_built = temp_path_for(states / "step-000003", shared=True)
+    half_built.mkdir()
+    (half_built / "model.safetensors").write_bytes(b"half")
     killed = [atomic_output(out / "checkpoints" / "run-step-000003.safetensors"), atomic_output(out / "config.toml")]
     temps = [writer.__enter__() for writer in killed]  # entered, never finished: their temp names stay
     for tmp in temps:
@@ -162,8 +163,8 @@ def test_resume_continues_this_folders_run_and_sweeps_stale_temp_files(models, d
     assert f"resumed from {states / 'step-000002'} at step 2" in caplog.text
     assert sorted(p.name for p in states.iterdir()) == ["step-000004", "step-000010"]  # the other run's is untouched
     assert json.loads((foreign / "progress.json").read_text(encoding="utf-8"))["step"] == 10
-    assert not any(tmp.exists() for tmp in temps) and not (states / ".step-000003.tmp").exists()
-    assert f"deleted {temps[0]} (left by an interrupted save)" in caplog.text
+    assert not any(tmp.exists() for tmp in temps) and not half_built.exists()
+    assert f"deleted {temps[0].parent} (left by an interrupted save)" in caplog.text  # the temp's private folder
     del killed
 
 

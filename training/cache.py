@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from aaa_core.checkpoint import atomic_output, save_safetensors
-from aaa_core.errors import InputError
+from aaa_core.errors import InputError, OutputError
 from aaa_core.sampling import LATENT_CHANNELS, latent_size
 from aaa_core.text_encoder import MAX_TOKENS, encoder_files, load_config, load_text_encoder
 from aaa_core.vae import load_vae
@@ -113,10 +113,9 @@ def _writing_to_cache(path: Path) -> Iterator[None]:
     """Turns an OS error while writing ``path`` into one line that says what to do."""
     try:
         yield
-    except OSError as err:
-        raise InputError(
-            f"{path}: cannot write to the encoding cache ({err.strerror or err}); pass a writable --cache-dir"
-        ) from None
+    except (OSError, OutputError) as err:
+        reason = err.reason if isinstance(err, OutputError) else err.strerror or err
+        raise InputError(f"{path}: cannot write to the encoding cache ({reason}); pass a writable --cache-dir") from None
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from aaa_core.checkpoint import atomic_output, check_state_dict_matches, save_safetensors
+from aaa_core.checkpoint import atomic_output, check_state_dict_matches, save_safetensors, temp_path_for
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
 
@@ -107,7 +107,7 @@ def save_state(
     """
     run_id = progress["run_id"]
     final = states_dir / f"step-{step:06d}"
-    tmp = states_dir / f".{final.name}.tmp"  # the same name on every process; is_temp_file() knows it
+    tmp = temp_path_for(final, shared=True)  # the same name on every process; is_temp_file() knows it
     if final.exists() and state_run_id(final) != run_id:  # checked on every process, so all stop together
         raise InputError(f"{final}: belongs to another run; not replacing it (start this run in another --output-dir)")
     if rank == 0:

@@ -8,6 +8,7 @@ The prompt embeddings come from the cache, so the text encoder is never loaded f
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Callable
@@ -15,10 +16,13 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from aaa_core.errors import ComputeError
 from aaa_core.pipeline import decode_latents
 from aaa_core.sampling import make_noise, sample
 from aaa_core.images import tensor_to_pil
 from aaa_core.vae import Flux2VAE
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -34,7 +38,11 @@ def render_grid(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Image.Image | None:
-    """Renders one image per prompt embedding ``(P, L, D)`` and tiles them; None if stopped midway."""
+    """Renders one image per prompt embedding ``(P, L, D)`` and tiles them.
+
+    None if stopped midway, or if the numbers overflowed (a warning says why): a bad sample
+    grid is no reason to end the run, and a black grid is no reason to save one.
+    """
     device = next(model.parameters()).device
     dtype = torch.float32 if next(model.parameters()).dtype == torch.float32 else torch.bfloat16
     side = resolution // vae.downscale_factor
@@ -51,6 +59,9 @@ def render_grid(
             latents = sample(model, noise, prompts.to(device), negative[None].to(device), steps, cfg, callback=stop_check)
         images = tensor_to_pil(decode_latents(vae, latents))
     except _Stopped:
+        return None
+    except ComputeError as err:
+        log.warning("no sample grid this time: %s", err)
         return None
     finally:
         model.train(was_training)
