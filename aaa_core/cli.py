@@ -41,12 +41,24 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+class DefaultsWhereTheySaySomething(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where X tells the reader something: not for ``None`` or a
+    blank string, and not where the help text already explains the default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or str(action.default).strip() == "" or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m aaa_core", description="AAADiT text-to-image, headless.")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images from a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen = commands.add_parser("generate", help="generate images from a prompt", formatter_class=DefaultsWhereTheySaySomething)
     gen.add_argument("--prompt", required=True, help="what to draw")
-    gen.add_argument("--negative-prompt", default=" ", help="what to steer away from (used when --cfg is not 1)")
+    gen.add_argument("--negative-prompt", default=" ",
+                     help="what to steer away from, used when --cfg is not 1 (default: a single space, as the reference)")
     gen.add_argument("--steps", type=int, default=30, help=f"Euler sampling steps, up to {MAX_STEPS}")
     gen.add_argument("--cfg", type=float, default=10.0, help="classifier-free guidance scale; 1 disables the negative pass")
     gen.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**64-1; image i of a batch uses seed+i (wrapping past 2**64-1 to 0)")
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", type=Path, help="FLUX.2 VAE .safetensors (default: download from ModelScope)")
     gen.add_argument("--text-encoder", type=Path, help="Qwen3-0.6B model.safetensors or its folder (default: download)")
     gen.add_argument("--model-dir", type=Path, help="where downloaded models are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    gen.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     gen.add_argument("--output", type=Path, required=True, help="output PNG; a batch writes NAME_0.png, NAME_1.png, ...; missing folders are created")
     return parser

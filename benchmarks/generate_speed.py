@@ -146,17 +146,21 @@ def measure(args: argparse.Namespace) -> None:
     print(f"RESULT {seconds}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPUs, float32 on the CPU")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is kept")
+    parser.add_argument("--steps", type=int, default=30, help="Euler steps per image (default: 30)")
+    parser.add_argument("--size", type=int, default=256, help="square image side in pixels, a multiple of 16 (default: 256)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is kept (default: 2)")
     parser.add_argument("--reference-script", help="DiffSynth's train_from_scratch.py, to time its own AAADiT class")
     parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument("--only", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.only:
         return measure(args)
 

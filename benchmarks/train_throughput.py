@@ -203,9 +203,9 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         process.join(timeout=30)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, help="our batch size (default: 32 on GPU, 4 on CPU); the reference's is 1")
     parser.add_argument("--steps", type=int, help="timed steps per variant (default: 20 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on GPU, 2 on CPU)")
@@ -217,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="on the CPU too, ours with bf16 autocast and the reference in pure bf16 (fast with AVX512-BF16 or AMX)")
     parser.add_argument("--peak-flops", type=float, default=0.0, help="peak bf16 FLOP/s for MFU (default: looked up)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
