@@ -30,7 +30,7 @@ from .text_encoder import WEIGHTS_NAME
 log = logging.getLogger(__name__)
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
-TEXT_TO_IMAGE, IMAGE_TO_IMAGE = "aaa_text_to_image", "aaa_image_to_image"
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE = "AAADiT text to image", "AAADiT image to image"
 # The loaders' weight_dtype choice that matches the dtype the CLI computed in.
 WEIGHT_DTYPE_CHOICES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

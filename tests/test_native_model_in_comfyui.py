@@ -109,7 +109,7 @@ def save_latent(prompt: dict, samples: list, prefix: str) -> None:
 
 def base_prompt(batch_size: int = 1) -> dict:
     """Loaders, prompts and an empty latent (from the custom-sampler workflow), with no outputs yet."""
-    prompt = load_workflow("aaa_custom_sampler", "unused")
+    prompt = load_workflow("AAADiT custom sampler", "unused")
     for class_type in ("AAAReferenceNoise", "CFGGuider", "KSamplerSelect", "AAAFlux2Sigmas", "SamplerCustomAdvanced", "AAAVAEDecode", "SaveImage"):
         del prompt[node_id_of(prompt, class_type)]
     prompt[node_id_of(prompt, "AAAEmptyLatentImage")]["inputs"]["batch_size"] = batch_size
@@ -155,7 +155,7 @@ def reference_vs_sampler_custom() -> dict:
 
 def reference_vs_custom_advanced() -> dict:
     """Batch 2 through the shipped custom-sampler workflow: AAA Reference Noise gives image i seed + i."""
-    prompt = load_workflow("aaa_custom_sampler", "custom_advanced")
+    prompt = load_workflow("AAADiT custom sampler", "custom_advanced")
     prompt[node_id_of(prompt, "AAAEmptyLatentImage")]["inputs"]["batch_size"] = 2
     prompt[node_id_of(prompt, "AAAReferenceNoise")]["inputs"]["noise_seed"] = 3
     prompt[node_id_of(prompt, "CFGGuider")]["inputs"]["cfg"] = 4.0
@@ -166,7 +166,7 @@ def reference_vs_custom_advanced() -> dict:
 
 def flux2_scheduler_vs_ours() -> dict:
     """256x256, 30 steps: ComfyUI's Flux2Scheduler and AAA FLUX.2 Sigmas in otherwise equal runs."""
-    prompt = load_workflow("aaa_custom_sampler", "unused")
+    prompt = load_workflow("AAADiT custom sampler", "unused")
     del prompt[node_id_of(prompt, "SaveImage")], prompt[node_id_of(prompt, "AAAVAEDecode")]
     prompt[node_id_of(prompt, "AAAEmptyLatentImage")]["inputs"].update(width=256, height=256)
     prompt[node_id_of(prompt, "AAAFlux2Sigmas")]["inputs"].update(steps=30, width=256, height=256)
@@ -230,7 +230,7 @@ def sweep_prompt() -> dict:
 
 
 PROMPTS = {
-    "ksampler_workflow": load_workflow("aaa_native_ksampler", "native"),
+    "ksampler_workflow": load_workflow("AAADiT native KSampler", "native"),
     "sampler_custom": reference_vs_sampler_custom(),
     "custom_advanced": reference_vs_custom_advanced(),
     "flux2_scheduler": flux2_scheduler_vs_ours(),

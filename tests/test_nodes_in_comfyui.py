@@ -69,12 +69,12 @@ def with_latent_from_batch(prompt: dict) -> dict:
 
 
 PROMPTS = {
-    "bad_width": load_workflow("aaa_text_to_image", "bad", AAAEmptyLatentImage={"width": 250}),
-    "text_to_image": load_workflow("aaa_text_to_image", "t2i"),
-    "image_to_image": load_workflow("aaa_image_to_image", "i2i"),
-    "wrong_dit_file": load_workflow("aaa_text_to_image", "wrong", AAADiTLoader={"dit_name": WRONG_DIT}),
-    "interrupted": load_workflow("aaa_text_to_image", "cancelled", AAASampler={"steps": INTERRUPT_STEPS}),
-    "latent_from_batch": with_latent_from_batch(load_workflow("aaa_text_to_image", "interop", AAAEmptyLatentImage={"batch_size": 2})),
+    "bad_width": load_workflow("AAADiT text to image", "bad", AAAEmptyLatentImage={"width": 250}),
+    "text_to_image": load_workflow("AAADiT text to image", "t2i"),
+    "image_to_image": load_workflow("AAADiT image to image", "i2i"),
+    "wrong_dit_file": load_workflow("AAADiT text to image", "wrong", AAADiTLoader={"dit_name": WRONG_DIT}),
+    "interrupted": load_workflow("AAADiT text to image", "cancelled", AAASampler={"steps": INTERRUPT_STEPS}),
+    "latent_from_batch": with_latent_from_batch(load_workflow("AAADiT text to image", "interop", AAAEmptyLatentImage={"batch_size": 2})),
 }
 ACTIONS = [
     validate(PROMPTS["bad_width"]),

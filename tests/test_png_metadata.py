@@ -107,8 +107,8 @@ def test_graphs_follow_the_shipped_workflow_files(tmp_path, monkeypatch):
     """The chunks are built from workflows/: a changed shipped file changes what the PNG carries."""
     for sub in ("", "api"):
         (tmp_path / sub).mkdir(exist_ok=True)
-        shutil.copy(ROOT / "workflows" / sub / "aaa_text_to_image.json", tmp_path / sub)
-    api_path = tmp_path / "api" / "aaa_text_to_image.json"
+        shutil.copy(ROOT / "workflows" / sub / "AAADiT text to image.json", tmp_path / sub)
+    api_path = tmp_path / "api" / "AAADiT text to image.json"
     api = json.loads(api_path.read_text())
     save = next(entry for entry in api.values() if entry["class_type"] == "SaveImage")
     save["inputs"]["filename_prefix"] = "renamed"

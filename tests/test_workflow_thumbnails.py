@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from comfyui_harness import comfyui_test_marks, find_comfyui_root, run_in_comfyui, templates
-from tools.workflow_thumbnails import SIZE, TITLE_HEIGHT, digest, write_thumbnails
+from workflows.thumbnails import SIZE, TITLE_HEIGHT, digest, write_thumbnails
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))  # what the template browser lists
@@ -22,11 +22,11 @@ PREVIEW_ROOM = 300  # the frontend draws the live preview inside the node, below
 @pytest.mark.parametrize("workflow", UI_WORKFLOWS, ids=lambda path: path.stem)
 def test_every_ui_workflow_has_a_current_jpeg_thumbnail(workflow: Path) -> None:
     thumbnail = workflow.with_suffix(".jpg")
-    assert thumbnail.is_file(), f"{thumbnail.name} missing: run python tools/workflow_thumbnails.py"
+    assert thumbnail.is_file(), f"{thumbnail.name} missing: run python workflows/thumbnails.py"
     with Image.open(thumbnail) as image:
         assert image.format == "JPEG" and image.size == SIZE
         assert image.info.get("comment", b"").decode() == digest(workflow), (
-            f"{thumbnail.name} was drawn from another version of {workflow.name}: run python tools/workflow_thumbnails.py"
+            f"{thumbnail.name} was drawn from another version of {workflow.name}: run python workflows/thumbnails.py"
         )
         assert min(ImageStat.Stat(image).stddev) > 10  # a drawing, not a blank card (0 for one colour)
 

@@ -33,7 +33,7 @@ BUILTIN_INPUT_TYPES = {
 }
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # never sent to the server, so absent from API files
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-WORKFLOW_NAMES = ["aaa_text_to_image", "aaa_image_to_image", "aaa_native_ksampler", "aaa_custom_sampler"]
+WORKFLOW_NAMES = ["AAADiT text to image", "AAADiT image to image", "AAADiT native KSampler", "AAADiT custom sampler"]
 
 
 def widget_slots(input_types: dict) -> list[tuple[str, str]]:
@@ -123,7 +123,7 @@ def test_workflows_use_the_official_files_and_reference_settings(name):
     assert (sampler["steps"], sampler["cfg"]) == (30, 10.0)
     assert sorted(e["text"] for e in by_type["AAATextEncode"]) == [" ", "a green lizard pokemon with a plant bulb on its back"]
     assert "SaveImage" in by_type
-    if name != "aaa_image_to_image":
+    if name != "AAADiT image to image":
         assert by_type["AAAEmptyLatentImage"][0] == {"width": 256, "height": 256, "batch_size": 1} and sampler["denoise"] == 1.0
     else:
         assert by_type["LoadImage"][0] == {"image": "example.png"} and sampler["denoise"] < 1.0

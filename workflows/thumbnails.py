@@ -1,11 +1,12 @@
 """Draws the template-browser thumbnail of every UI workflow: ``workflows/NAME.json`` -> ``NAME.jpg``.
 
 ComfyUI's template browser shows a pack's ``workflows/NAME.json`` as a card whose picture is
-``NAME.jpg`` from the same folder (served under ``/api/workflow_templates/<pack folder>/``). This
+``NAME.jpg`` from the same folder (served under ``/api/workflow_templates/<pack folder>/``), and the
+card's title is ``NAME`` itself, which is why the workflow files have readable names. This
 script renders each graph from its UI JSON with PIL: the nodes as boxes with their titles, sockets
 and widget values, and the links between them. Rerun it after changing or adding a workflow:
 
-    python tools/workflow_thumbnails.py
+    python workflows/thumbnails.py
 
 Each JPEG's comment holds the SHA-256 of the JSON it was drawn from, so a test can tell when a
 thumbnail is stale.
@@ -41,11 +42,6 @@ TYPE_COLOURS = {
 def digest(workflow_path: Path) -> str:
     """What a thumbnail's JPEG comment must say for it to be current."""
     return hashlib.sha256(workflow_path.read_bytes()).hexdigest()
-
-
-def banner_title(name: str) -> str:
-    """``aaa_text_to_image`` -> ``AAADiT: text to image``."""
-    return "AAADiT: " + re.sub(r"^aaa_", "", name).replace("_", " ")
 
 
 def pack_display_names() -> dict[str, str]:
@@ -90,7 +86,7 @@ def render(workflow_path: Path, display_names: dict[str, str]) -> Image.Image:
 
     image = Image.new("RGB", SIZE, BACKGROUND)
     draw = ImageDraw.Draw(image)
-    draw.text((MARGIN, 16), banner_title(workflow_path.stem), fill=TEXT, font=ImageFont.load_default(size=24))
+    draw.text((MARGIN, 16), workflow_path.stem, fill=TEXT, font=ImageFont.load_default(size=24))
     small = ImageFont.load_default(size=max(8, round(15 * scale)))
     title_font = ImageFont.load_default(size=max(9, round(18 * scale)))
 
