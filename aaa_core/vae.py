@@ -350,7 +350,14 @@ def vae_from_state_dict(
         raise ModelFileError(f"{source}: not a complete FLUX.2 VAE checkpoint ({err})") from None
     with torch.device("meta"):
         model = Flux2VAE(config)
-    return adopt_state_dict(model, state_dict, source)
+    model = adopt_state_dict(model, state_dict, source)
+    variance = model.bn.running_var
+    if not bool((variance > 0).all()):  # latents are divided by sqrt(var + 1e-4): zero or below is a corrupt file
+        raise ModelFileError(
+            f"{source}: tensor bn.running_var has {int((variance <= 0).sum())} values <= 0 "
+            f"(smallest {variance.min().item():.3g}); a variance must be positive: the file is corrupt"
+        )
+    return model
 
 
 def load_vae(

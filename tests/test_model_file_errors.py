@@ -1,0 +1,129 @@
+"""Bad model files give one-line errors naming the file, the tensor or key, and what was expected.
+
+Every case is a real file: a tiny model from ``tiny_models`` with one tensor or one metadata value
+changed, read through the same loaders the CLI and the nodes use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aaa_core import checkpoint
+from aaa_core.dit import load_dit
+from aaa_core.errors import ModelFileError
+from aaa_core.vae import load_vae
+from tiny_models import TINY_DIT, save_tiny_dit, save_tiny_vae
+from unprivileged import run_unprivileged, shared_folder
+
+
+def edited(path, tensors=None, metadata=None):
+    """Rewrites a safetensors file in place with some tensors and metadata entries replaced."""
+    with safe_open(str(path), framework="pt") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+        meta = dict(handle.metadata() or {})
+    save_file({**state, **(tensors or {})}, str(path), metadata={**meta, **(metadata or {})})
+    return path
+
+
+def error_of(load, path, **kwargs) -> str:
+    with pytest.raises(ModelFileError) as err:
+        load(path, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+@pytest.fixture
+def dit_file(tmp_path):
+    return save_tiny_dit(tmp_path / "dit.safetensors")
+
+
+@pytest.fixture
+def vae_file(tmp_path):
+    return save_tiny_vae(tmp_path / "vae.safetensors")
+
+
+# --------------------------------------------------------------------------------------
+# Weights: non-finite values, integer tensors, BatchNorm variance
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_dit_weight_is_named(dit_file, bad):
+    weight = torch.zeros(TINY_DIT.dim, TINY_DIT.dim)
+    weight[3, 5] = bad
+    edited(dit_file, {"blocks.1.to_v.weight": weight})
+    assert "tensor blocks.1.to_v.weight holds NaN or infinite values" in error_of(load_dit, dit_file)
+
+
+def test_non_finite_vae_weight_is_named(vae_file):
+    with safe_open(str(vae_file), framework="pt") as handle:
+        weight = handle.get_tensor("decoder.conv_out.weight")
+    weight.view(-1)[0] = float("nan")
+    edited(vae_file, {"decoder.conv_out.weight": weight})
+    assert "tensor decoder.conv_out.weight holds NaN or infinite values" in error_of(load_vae, vae_file)
+
+
+def test_weight_that_overflows_the_chosen_dtype_says_which_dtype_to_use(dit_file):
+    edited(dit_file, {"proj_out.bias": torch.full((128,), 1e6)})
+    message = error_of(load_dit, dit_file, dtype=torch.float16)
+    assert "tensor proj_out.bias overflows float16 (values up to 1e+06); load it in fp32 or bf16" in message
+    assert load_dit(dit_file, dtype=torch.bfloat16).proj_out.bias.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_integer_or_bool_weight_is_refused(dit_file, dtype):
+    edited(dit_file, {"proj_out.weight": torch.ones(128, TINY_DIT.dim, dtype=dtype)})
+    expected = f"tensor proj_out.weight is {str(dtype)[6:]}, expected floating-point weights"
+    assert expected in error_of(load_dit, dit_file)
+
+
+def test_vae_batch_norm_variance_must_be_positive(vae_file):
+    variance = torch.ones(128)
+    variance[7], variance[9] = 0.0, -0.5
+    edited(vae_file, {"bn.running_var": variance})
+    assert "tensor bn.running_var has 2 values <= 0 (smallest -0.5)" in error_of(load_vae, vae_file)
+
+
+# --------------------------------------------------------------------------------------
+# Permissions
+# --------------------------------------------------------------------------------------
+
+
+def test_unreadable_file_says_permission_denied_not_missing(dit_file, monkeypatch):
+    """As root (CI), the refusal is simulated at the open call the loader makes."""
+
+    def refuse(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)
+    message = error_of(load_dit, dit_file)
+    assert "permission denied: this user may not read the file" in message and "not found" not in message
+
+
+def test_real_permissions_on_file_and_folder_are_one_line_errors():
+    """A file with mode 000 and a file inside a folder without search permission, as a non-root user."""
+    with shared_folder() as folder:
+        save_tiny_dit(folder / "private.safetensors").chmod(0o000)
+        locked = folder / "locked"
+        locked.mkdir()
+        save_tiny_dit(locked / "dit.safetensors")
+        locked.chmod(0o600)  # readable listing, but no search (x): files inside cannot be opened
+        out = run_unprivileged(
+            "from aaa_core.dit import load_dit\n"
+            "for name in ('private.safetensors', 'locked/dit.safetensors'):\n"
+            "    try:\n"
+            f"        load_dit({str(folder)!r} + '/' + name)\n"
+            "    except Exception as err:\n"
+            "        print(type(err).__name__, err)\n"
+        )
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    assert lines[0] == f"ModelFileError {folder}/private.safetensors: permission denied: this user may not read the file (check its permissions)"
+    assert lines[1] == (
+        f"ModelFileError {folder}/locked/dit.safetensors: permission denied: this user cannot look inside the "
+        f"folder {locked} (it needs search permission)"
+    )
