@@ -6,13 +6,15 @@ changed, read through the same loaders the CLI and the nodes use.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from aaa_core import checkpoint
-from aaa_core.dit import load_dit
+from aaa_core.dit import CONFIG_METADATA_KEY, load_dit
 from aaa_core.errors import ModelFileError
 from aaa_core.vae import load_vae
 from tiny_models import TINY_DIT, save_tiny_dit, save_tiny_vae
@@ -86,6 +88,41 @@ def test_vae_batch_norm_variance_must_be_positive(vae_file):
     variance[7], variance[9] = 0.0, -0.5
     edited(vae_file, {"bn.running_var": variance})
     assert "tensor bn.running_var has 2 values <= 0 (smallest -0.5)" in error_of(load_vae, vae_file)
+
+
+# --------------------------------------------------------------------------------------
+# DiT metadata
+# --------------------------------------------------------------------------------------
+
+
+def config_json(**changes) -> str:
+    return json.dumps({**json.loads(TINY_DIT.to_json()), **changes})
+
+
+@pytest.mark.parametrize(
+    "stored, expected",
+    [
+        (config_json(num_heads=0), "metadata aaa_dit_config num_heads must be a positive integer, got 0"),
+        (config_json(num_heads="4"), "metadata aaa_dit_config num_heads must be a positive integer, got '4'"),
+        (config_json(num_heads=2.5), "num_heads must be a positive integer, got 2.5"),
+        (config_json(num_heads=3), "dim 64 is not divisible by num_heads 3"),
+        (config_json(dim=128), "metadata aaa_dit_config says dim 128, but the weights' shapes give 64"),
+        (config_json(heads=4), "metadata aaa_dit_config has an unknown key 'heads'"),
+        ("[4]", "metadata aaa_dit_config must be a JSON object, got list"),
+        ('{"num_heads": 4', "metadata aaa_dit_config is not valid JSON"),
+    ],
+)
+def test_bad_dit_metadata_is_named(dit_file, stored, expected):
+    edited(dit_file, metadata={CONFIG_METADATA_KEY: stored})
+    assert expected in error_of(load_dit, dit_file)
+
+
+def test_dit_header_check_sees_metadata_and_shapes_without_reading_weights(dit_file, tmp_path):
+    from aaa_core.dit import check_dit_file
+
+    assert check_dit_file(dit_file) == TINY_DIT
+    edited(dit_file, {"blocks.0.to_k.weight": torch.zeros(3, 3)})
+    assert "tensor blocks.0.to_k.weight has shape (3, 3), expected (64, 64)" in error_of(check_dit_file, dit_file)
 
 
 # --------------------------------------------------------------------------------------
