@@ -16,16 +16,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from .checkpoint import QWEN3, adopt_state_dict, load_checkpoint
-from .errors import InputError, ModelFileError
+from .config_values import json_object, positive_int, positive_number
+from .errors import InputError, ModelFileError, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,12 @@ TOKENIZER_FILE_NAMES = (
     "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
+_TOKENIZER_JSON_FILES = tuple(name for name in TOKENIZER_FILE_NAMES if name.endswith(".json"))
+# config.json sizes that must be positive integers; head_dim may be null (hidden_size / heads then).
+_SIZE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim",
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -59,12 +67,14 @@ def has_tokenizer(folder: "str | os.PathLike[str]") -> bool:
 
 
 def _read_tokenizer(folder: Path):
+    for name in _TOKENIZER_JSON_FILES:  # a malformed file is named here; transformers would only say "cannot load"
+        if (folder / name).is_file():
+            _read_json(folder / name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # transformers raises many types here; the user needs one line
         logger.debug("tokenizer load failed", exc_info=True)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(f"{folder}: tokenizer files cannot be loaded ({reason})") from None
+        raise ModelFileError(f"{folder}: tokenizer files cannot be loaded ({short_reason(err)})") from None
     if tokenizer.pad_token_id != PAD_TOKEN_ID or not getattr(tokenizer, "chat_template", None):
         raise ModelFileError(
             f"{folder}: not the Qwen3 tokenizer (expected pad token {PAD_TOKEN} = {PAD_TOKEN_ID} "
@@ -73,6 +83,11 @@ def _read_tokenizer(folder: Path):
     # The reference relies on the defaults, which are right-side for both; pin them.
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "right"
+    try:  # a broken template would otherwise fail at the first prompt, after the models are loaded
+        build_prompt("a test prompt", tokenizer)
+    except Exception as err:  # jinja2 raises several types; the user needs one line
+        template = folder / ("chat_template.jinja" if (folder / "chat_template.jinja").is_file() else "tokenizer_config.json")
+        raise ModelFileError(f"{template}: the chat_template cannot be rendered ({short_reason(err)})") from None
     return tokenizer
 
 
@@ -174,14 +189,21 @@ class Qwen3TextEncoder:
 # --------------------------------------------------------------------------------------
 
 
+def _read_json(file: Path) -> dict:
+    """The JSON object in ``file``, or a one-line error naming it."""
+    try:
+        return json_object(file.read_text(encoding="utf-8"), "the file")
+    except OSError as err:
+        raise ModelFileError(f"{file}: cannot be read ({err.strerror or err})") from None
+    except ValueError as err:  # UnicodeDecodeError included
+        raise ModelFileError(f"{file}: {short_reason(err)}") from None
+
+
 def _config_file(folder: Path) -> Path:
     """``folder/config.json`` if it describes a Qwen3 model, else the packaged 0.6B config."""
     candidate = folder / CONFIG_NAME
     if candidate.is_file():
-        try:
-            model_type = json.loads(candidate.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError, AttributeError) as err:
-            raise ModelFileError(f"{candidate}: not a readable config.json ({err})") from None
+        model_type = _read_json(candidate).get("model_type")
         if model_type == "qwen3":
             return candidate
         # A shared folder (ComfyUI's text_encoders) may hold another model's config.json.
@@ -189,12 +211,44 @@ def _config_file(folder: Path) -> Path:
     return ASSETS_DIR / CONFIG_NAME
 
 
+def _check_config_values(data: dict) -> None:
+    """Raises ``ValueError`` naming the first size, number or rope setting of the wrong type or range.
+
+    transformers accepts some of these (a string ``rope_theta``, 0 heads) and fails later inside
+    model construction, with a ``ZeroDivisionError`` or a multi-line validation report.
+    """
+    for key in _SIZE_KEYS:
+        if key in data and not (key == "head_dim" and data[key] is None):
+            positive_int(key, data[key])
+    for key in ("rms_norm_eps", "rope_theta"):
+        if key in data:
+            positive_number(key, data[key])
+    heads, kv_heads = data.get("num_attention_heads"), data.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = data.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"{key} must be an object or null, got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        known = ("default", *ROPE_INIT_FUNCTIONS)
+        if rope_type not in known:
+            raise ValueError(f"{key} has an unknown rope type {rope_type!r} (known: {', '.join(known)})")
+
+
 def _read_config(file: Path) -> Qwen3Config:
+    """The validated Qwen3 config in ``file``; every problem is one line naming the file and the key."""
+    data = _read_json(file)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        return Qwen3Config.from_dict(data, attn_implementation="sdpa")
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        raise ModelFileError(f"{file}: not a valid Qwen3 config.json ({err})") from None
+        _check_config_values(data)
+        config = Qwen3Config.from_dict(data, attn_implementation="sdpa")
+        with torch.device("meta"):  # builds the RoPE tables from the config: checks its parameters, costs nothing
+            Qwen3RotaryEmbedding(config)
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as err:
+        raise ModelFileError(f"{file}: not a valid Qwen3 config.json ({short_reason(err)})") from None
+    return config
 
 
 def load_config(folder: "str | os.PathLike[str] | None" = None) -> Qwen3Config:

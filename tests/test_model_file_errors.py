@@ -7,6 +7,7 @@ changed, read through the same loaders the CLI and the nodes use.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from aaa_core import checkpoint
 from aaa_core.dit import CONFIG_METADATA_KEY, load_dit
 from aaa_core.errors import ModelFileError
 from aaa_core.vae import load_vae
-from tiny_models import TINY_DIT, save_tiny_dit, save_tiny_vae
+from tiny_models import TINY_DIT, save_tiny_dit, save_tiny_text_encoder, save_tiny_vae
 from unprivileged import run_unprivileged, shared_folder
 
 
@@ -30,11 +31,12 @@ def edited(path, tensors=None, metadata=None):
     return path
 
 
-def error_of(load, path, **kwargs) -> str:
+def error_of(load, path, named=None, **kwargs) -> str:
+    """The one-line error ``load(path)`` raises; it must start with the file at fault (``named``, else ``path``)."""
     with pytest.raises(ModelFileError) as err:
         load(path, **kwargs)
     message = str(err.value)
-    assert "\n" not in message and str(path) in message, message
+    assert "\n" not in message and message.startswith(f"{named or path}: "), message
     return message
 
 
@@ -164,3 +166,85 @@ def test_real_permissions_on_file_and_folder_are_one_line_errors():
         f"ModelFileError {folder}/locked/dit.safetensors: permission denied: this user cannot look inside the "
         f"folder {locked} (it needs search permission)"
     )
+
+
+# --------------------------------------------------------------------------------------
+# Text encoder folder: config.json and tokenizer files
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_encoder_file(tmp_path, monkeypatch):
+    """The tiny Qwen3 with its config.json; reading the weights fails the test (errors must come first)."""
+    from aaa_core import text_encoder
+
+    weights = save_tiny_text_encoder(tmp_path / "qwen")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the error was found")
+
+    monkeypatch.setattr(text_encoder, "load_checkpoint", no_weights)
+    return weights
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"hidden_size": "32"}, "hidden_size must be a positive integer, got '32'"),
+        ({"num_hidden_layers": -1}, "num_hidden_layers must be a positive integer, got -1"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"num_key_value_heads": 3}, "num_attention_heads 2 is not a multiple of num_key_value_heads 3"),
+        ({"rope_theta": "1e6"}, "rope_theta must be a positive number, got '1e6'"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive number, got nan"),
+        ({"rope_scaling": {"rope_type": "bogus"}}, "rope_scaling has an unknown rope type 'bogus' (known: default, linear,"),
+        ({"rope_scaling": "linear"}, "rope_scaling must be an object or null, got 'linear'"),
+        ({"rope_scaling": {"rope_type": "linear"}}, "factor"),  # transformers' own check, made one line
+    ],
+)
+def test_bad_text_encoder_config_values_name_the_file_and_key(text_encoder_file, changes, expected):
+    from aaa_core.text_encoder import load_text_encoder
+
+    config = text_encoder_file.parent / "config.json"
+    edit_json(config, **changes)
+    message = error_of(load_text_encoder, text_encoder_file, named=config)
+    assert message.startswith(f"{config}: not a valid Qwen3 config.json (") and expected in message
+
+
+@pytest.mark.parametrize("text, expected", [('{"model_type": "qwen3",', "the file is not valid JSON"), ("[1, 2]", "the file must be a JSON object, got list")])
+def test_malformed_config_json_is_named(text_encoder_file, text, expected):
+    from aaa_core.text_encoder import load_text_encoder
+
+    config = text_encoder_file.parent / "config.json"
+    config.write_text(text)
+    assert error_of(load_text_encoder, text_encoder_file, named=config).startswith(f"{config}: {expected}")
+
+
+@pytest.fixture
+def tokenizer_folder(text_encoder_file):
+    """The packaged tokenizer files copied beside the tiny weights, so they are the ones loaded."""
+    from aaa_core.text_encoder import ASSETS_DIR
+
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(ASSETS_DIR / name, text_encoder_file.parent / name)
+    return text_encoder_file.parent
+
+
+def test_chat_template_that_cannot_render_is_named(text_encoder_file, tokenizer_folder):
+    from aaa_core.text_encoder import load_text_encoder
+
+    edit_json(tokenizer_folder / "tokenizer_config.json", chat_template="{% for message in messages %}{{ message.content | no_such_filter }}{% endfor %}")
+    message = error_of(load_text_encoder, text_encoder_file, named=tokenizer_folder / "tokenizer_config.json")
+    assert message.startswith(f"{tokenizer_folder / 'tokenizer_config.json'}: the chat_template cannot be rendered (")
+    assert "no_such_filter" in message
+
+
+def test_malformed_tokenizer_json_is_named(text_encoder_file, tokenizer_folder):
+    from aaa_core.text_encoder import load_text_encoder
+
+    (tokenizer_folder / "vocab.json").write_text('{"a": 1,')
+    vocab = tokenizer_folder / "vocab.json"
+    assert error_of(load_text_encoder, text_encoder_file, named=vocab).startswith(f"{vocab}: the file is not valid JSON")
