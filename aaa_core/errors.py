@@ -44,3 +44,10 @@ def short_reason(err: BaseException, limit: int = 200) -> str:
         return text
     head = text[: limit + 1].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
     return head.rstrip(" ,;:") + " ..."
+
+
+def combined(messages: "list[str]", what: str) -> ModelFileError:
+    """One error for several problems found in one pass, numbered on one line; a single one stays as is."""
+    if len(messages) == 1:
+        return ModelFileError(messages[0])
+    return ModelFileError(f"{len(messages)} {what}: " + " ".join(f"({i}) {m}" for i, m in enumerate(messages, 1)))
