@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -25,7 +26,15 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-from .checkpoint import QWEN3, adopt_state_dict, load_checkpoint
+from .checkpoint import (
+    QWEN3,
+    adopt_state_dict,
+    check_kind,
+    check_path,
+    check_state_dict_matches,
+    load_checkpoint,
+    read_header,
+)
 from .config_values import json_object, positive_int, positive_number
 from .errors import InputError, ModelFileError, short_reason
 
@@ -266,9 +275,7 @@ def build_empty_model(config: Qwen3Config) -> Qwen3Model:
 
 def _weights_file(path: Path) -> Path:
     """The weights file of a single file or a ``Qwen/Qwen3-0.6B`` folder."""
-    if not path.exists():
-        raise ModelFileError(f"{path}: not found")
-    if not path.is_dir():
+    if not stat.S_ISDIR(check_path(path).st_mode):  # check_path: one line for a folder that cannot be searched too
         return path
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -343,6 +350,34 @@ def _check_sizes(state_dict: dict[str, torch.Tensor], config: Qwen3Config, confi
         )
 
 
+def _text_encoder_files(path: Path) -> tuple[Path, Path, Qwen3Config, object]:
+    """The weights file, config file, validated config and tokenizer for a folder or a single weights file.
+
+    Everything here is small; a bad config or tokenizer is reported before any weight is read.
+    """
+    weights = _weights_file(path)
+    folder = weights.parent
+    config_file = _config_file(folder)
+    config = _read_config(config_file)
+    tokenizer = load_tokenizer(folder if has_tokenizer(folder) else None)  # None: the packaged tokenizer
+    if len(tokenizer) > config.vocab_size:
+        raise ModelFileError(
+            f"{weights}: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}"
+        )
+    return weights, config_file, config, tokenizer
+
+
+def check_text_encoder_file(path: "str | os.PathLike[str]") -> int:
+    """Checks a Qwen3 text encoder from its config, tokenizer and weights header alone; returns its hidden size."""
+    weights, config_file, config, _ = _text_encoder_files(Path(path))
+    header, _ = read_header(weights)
+    check_kind(header, QWEN3, weights)
+    header = _to_model_keys(header)
+    _check_sizes(header, config, config_file, weights)
+    check_state_dict_matches(build_empty_model(config), header, weights)
+    return config.hidden_size
+
+
 def load_text_encoder(
     path: "str | os.PathLike[str]",
     dtype: torch.dtype | None = None,
@@ -353,14 +388,7 @@ def load_text_encoder(
     ``dtype`` None keeps the file's dtype (bf16 for the official file). The model is in eval
     mode without gradients; tensors are read straight onto ``device``.
     """
-    weights = _weights_file(Path(path))
-    folder = weights.parent
-
-    config_file = _config_file(folder)
-    config = _read_config(config_file)
-    tokenizer_folder = folder if has_tokenizer(folder) else None  # None: the packaged tokenizer
-    tokenizer = load_tokenizer(tokenizer_folder)
-
+    weights, config_file, config, tokenizer = _text_encoder_files(Path(path))
     state_dict, _ = load_checkpoint(weights, QWEN3, dtype=dtype, device=device)
     state_dict = _to_model_keys(state_dict)
     _check_sizes(state_dict, config, config_file, weights)
@@ -376,12 +404,8 @@ def load_text_encoder(
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise RuntimeError("Qwen3Model still has tensors on the meta device after loading")
 
-    if len(tokenizer) > config.vocab_size:
-        raise ModelFileError(
-            f"{weights}: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}"
-        )
     logger.info(
         "Loaded Qwen3 text encoder %s (config %s, tokenizer %s, %s on %s)",
-        weights, config_file, tokenizer_folder or ASSETS_DIR, model.embed_tokens.weight.dtype, device,
+        weights, config_file, tokenizer.name_or_path, model.embed_tokens.weight.dtype, device,
     )
     return Qwen3TextEncoder(model, tokenizer)
