@@ -65,16 +65,16 @@ def _describe_foreign(keys: set[str]) -> str:
     return "an unknown model"
 
 
-def check_path(path: "str | os.PathLike[str]") -> os.stat_result:
-    """Stats ``path``, or raises a one-line error: missing, or a folder on the way cannot be searched.
-
-    ``Path.exists()`` raises a bare ``PermissionError`` for the latter and says nothing for the former.
-    """
+def check_path(path: "str | os.PathLike[str]", what: str = "file", missing_ok: bool = False) -> os.stat_result | None:
+    """Stats ``path``, or raises a one-line error: missing (``None`` if ``missing_ok``), or a folder on
+    the way cannot be searched (``Path.exists()`` raises a bare ``PermissionError`` for that)."""
     path = Path(path)
     try:
         return path.stat()
     except FileNotFoundError:
-        raise ModelFileError(f"{path}: file not found") from None
+        if missing_ok:
+            return None
+        raise ModelFileError(f"{path}: {what} not found") from None
     except PermissionError:
         locked = next((p for p in reversed(path.parents) if not os.access(p, os.X_OK)), path.parent)
         raise ModelFileError(

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .checkpoint import AAADIT, FLUX2_VAE, QWEN3, check_kind, read_header
+from .checkpoint import AAADIT, FLUX2_VAE, QWEN3, check_kind, check_path, read_header
 from .errors import ModelFileError, combined, short_reason
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,10 @@ def resolve_model_file(
     """
     if local_path is not None:
         path = Path(local_path).expanduser()
-        if not path.exists():
-            raise ModelFileError(f"{path}: {source.label} file not found")
+        check_path(path, f"{source.label} file")
         return path
     target = Path(model_dir or default_model_dir()) / source.local_name
-    if target.is_file():
+    if check_path(target, missing_ok=True) is not None:
         check_downloaded(source, target)
         return target
     if not may_download:
@@ -107,7 +106,7 @@ def resolve_model_files(
         except ModelFileError as err:
             problems.append(str(err))
             target = Path(model_dir or default_model_dir()) / source.local_name
-            may_download = may_download and not (local_path is None and not target.is_file())
+            may_download = may_download and not (local_path is None and not os.path.isfile(target))
     if problems:
         raise combined(problems, "model files are missing or bad")
     return resolved

@@ -117,18 +117,24 @@ def test_all_missing_files_are_named_in_one_error_after_one_failed_download(tmp_
 
 
 def test_unwritable_model_folder_is_named_before_any_download():
-    """As a non-root user: a model folder owned by root, and one that cannot be created inside it."""
+    """As a non-root user: a model folder owned by root, one that cannot be created inside it, one that cannot be entered."""
     with shared_folder() as folder:
+        locked = folder / "locked"
+        locked.mkdir(mode=0o600)
         out = run_unprivileged(
             "from aaa_core import downloads\n"
-            "for model_dir in (%r, %r):\n"
+            "for model_dir in (%r, %r, %r):\n"
             "    try:\n"
             "        downloads.resolve_model_file(downloads.VAE, model_dir=model_dir)\n"
             "    except Exception as err:\n"
-            "        print(type(err).__name__, err)\n" % (str(folder), str(folder / "sub"))
+            "        print(type(err).__name__, err)\n" % (str(folder), str(folder / "sub"), str(locked))
         )
     lines = out.splitlines()
-    assert len(lines) == 2, out
+    assert len(lines) == 3, out
+    assert lines[2] == (
+        f"ModelFileError {locked / 'flux2_vae.safetensors'}: permission denied: this user cannot look inside the "
+        f"folder {locked} (it needs search permission)"
+    )
     assert lines[0].startswith(
         f"ModelFileError {folder}: the model folder is not writable by this user, so the FLUX.2 VAE cannot be "
         "downloaded into it; use a writable model folder, or get 'vae/diffusion_pytorch_model.safetensors'"
