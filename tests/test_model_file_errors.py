@@ -203,6 +203,9 @@ def edit_json(path, **changes):
         ({"rope_scaling": {"rope_type": "bogus"}}, "rope_scaling has an unknown rope type 'bogus' (known: default, linear,"),
         ({"rope_scaling": "linear"}, "rope_scaling must be an object or null, got 'linear'"),
         ({"rope_scaling": {"rope_type": "linear"}}, "factor"),  # transformers' own check, made one line
+        ({"hidden_act": "no_such_activation"}, "hidden_act 'no_such_activation' is not an activation transformers knows"),
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),  # transformers' strict-dataclass check, made one line
+        ({"head_dim": 7}, "even rotary dimension"),  # transformers' rope validator, made one line
     ],
 )
 def test_bad_text_encoder_config_values_name_the_file_and_key(text_encoder_file, changes, expected):
