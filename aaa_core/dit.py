@@ -70,19 +70,22 @@ class AAADiTConfig:
         was edited or belongs to another file, and guessing which one is right would be worse.
         """
         stored = _stored_config(metadata or {})
-        dim, latent_channels = state_dict["image_embedder.0.weight"].shape
-        depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-        _, _, pos_height, pos_width = state_dict["pos_embedder.image_emb"].shape
-        inferred = dict(
-            dim=dim,
-            depth=depth,
-            latent_channels=latent_channels,
-            text_dim=state_dict["text_embedder.0.weight"].shape[1],
-            ff_mult=state_dict["blocks.0.ff.0.weight"].shape[0] // dim,
-            time_freq_dim=state_dict["timestep_embedder.timestep_embedder.0.weight"].shape[1],
-            pos_height=pos_height,
-            pos_width=pos_width,
-        )
+        try:
+            dim, latent_channels = state_dict["image_embedder.0.weight"].shape
+            depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+            _, _, pos_height, pos_width = state_dict["pos_embedder.image_emb"].shape
+            inferred = dict(
+                dim=dim,
+                depth=depth,
+                latent_channels=latent_channels,
+                text_dim=state_dict["text_embedder.0.weight"].shape[1],
+                ff_mult=state_dict["blocks.0.ff.0.weight"].shape[0] // dim,
+                time_freq_dim=state_dict["timestep_embedder.timestep_embedder.0.weight"].shape[1],
+                pos_height=pos_height,
+                pos_width=pos_width,
+            )
+        except (ValueError, IndexError, ZeroDivisionError) as err:  # a tensor of the wrong rank, a key like blocks.x
+            raise ValueError(f"tensor names or shapes are not an AAADiT's ({err})") from None
         for name, value in stored.items():
             if name in inferred and value != inferred[name]:
                 raise ValueError(

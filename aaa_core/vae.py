@@ -354,7 +354,7 @@ def vae_from_state_dict(
     variance = model.bn.running_var
     if not bool((variance > 0).all()):  # latents are divided by sqrt(var + 1e-4): zero or below is a corrupt file
         raise ModelFileError(
-            f"{source}: tensor bn.running_var has {int((variance <= 0).sum())} values <= 0 "
+            f"{source}: tensor bn.running_var has {int((variance <= 0).sum())} of {variance.numel()} values <= 0 "
             f"(smallest {variance.min().item():.3g}); a variance must be positive: the file is corrupt"
         )
     return model

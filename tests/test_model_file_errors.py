@@ -89,7 +89,7 @@ def test_vae_batch_norm_variance_must_be_positive(vae_file):
     variance = torch.ones(128)
     variance[7], variance[9] = 0.0, -0.5
     edited(vae_file, {"bn.running_var": variance})
-    assert "tensor bn.running_var has 2 values <= 0 (smallest -0.5)" in error_of(load_vae, vae_file)
+    assert "tensor bn.running_var has 2 of 128 values <= 0 (smallest -0.5)" in error_of(load_vae, vae_file)
 
 
 # --------------------------------------------------------------------------------------
@@ -116,6 +116,18 @@ def config_json(**changes) -> str:
 )
 def test_bad_dit_metadata_is_named(dit_file, stored, expected):
     edited(dit_file, metadata={CONFIG_METADATA_KEY: stored})
+    assert expected in error_of(load_dit, dit_file)
+
+
+@pytest.mark.parametrize(
+    "tensors, expected",
+    [
+        ({"image_embedder.0.weight": torch.zeros(64)}, "tensor names or shapes are not an AAADiT's (not enough values to unpack"),
+        ({"blocks.x.to_q.weight": torch.zeros(1)}, "tensor names or shapes are not an AAADiT's (invalid literal for int()"),
+    ],
+)
+def test_dit_layout_that_sizes_cannot_be_read_from_is_named(dit_file, tensors, expected):
+    edited(dit_file, tensors)
     assert expected in error_of(load_dit, dit_file)
 
 
