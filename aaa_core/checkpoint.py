@@ -1,8 +1,10 @@
 """Safetensors I/O shared by every model: validated reads, model identification, atomic writes.
 
 All three model files (AAADiT, FLUX.2 VAE, Qwen3-0.6B) are plain safetensors. Reading them goes
-through :func:`load_checkpoint`, which turns every failure (missing file, truncated download,
-wrong model picked in a dropdown) into a one-line :class:`ModelFileError` that names the file.
+through :func:`load_checkpoint`, which turns every failure (missing or unreadable file, truncated
+download, wrong model picked in a dropdown, NaN weights) into a one-line :class:`ModelFileError`
+that names the file. :func:`read_header` reads names, dtypes and shapes alone, so files can be
+checked before any is loaded.
 """
 
 from __future__ import annotations
