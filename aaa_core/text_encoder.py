@@ -13,7 +13,6 @@ shipped with this package, so no download is ever needed.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -23,8 +22,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-from transformers.activations import ACT2FN
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .checkpoint import (
     QWEN3,
@@ -35,8 +32,8 @@ from .checkpoint import (
     load_checkpoint,
     read_header,
 )
-from .config_values import json_object, positive_int, positive_number
 from .errors import InputError, ModelFileError, short_reason
+from .qwen3_config import build_empty_model, read_config, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +54,6 @@ TOKENIZER_FILE_NAMES = (
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 _TOKENIZER_JSON_FILES = tuple(name for name in TOKENIZER_FILE_NAMES if name.endswith(".json"))
-# config.json sizes that must be positive integers; head_dim may be null (hidden_size / heads then).
-_SIZE_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim",
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -78,7 +70,7 @@ def has_tokenizer(folder: "str | os.PathLike[str]") -> bool:
 def _read_tokenizer(folder: Path):
     for name in _TOKENIZER_JSON_FILES:  # a malformed file is named here; transformers would only say "cannot load"
         if (folder / name).is_file():
-            _read_json(folder / name)
+            read_json_file(folder / name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # transformers raises many types here; the user needs one line
@@ -198,21 +190,11 @@ class Qwen3TextEncoder:
 # --------------------------------------------------------------------------------------
 
 
-def _read_json(file: Path) -> dict:
-    """The JSON object in ``file``, or a one-line error naming it."""
-    try:
-        return json_object(file.read_text(encoding="utf-8"), "the file")
-    except OSError as err:
-        raise ModelFileError(f"{file}: cannot be read ({err.strerror or err})") from None
-    except ValueError as err:  # UnicodeDecodeError included
-        raise ModelFileError(f"{file}: {short_reason(err)}") from None
-
-
 def _config_file(folder: Path) -> Path:
     """``folder/config.json`` if it describes a Qwen3 model, else the packaged 0.6B config."""
     candidate = folder / CONFIG_NAME
     if candidate.is_file():
-        model_type = _read_json(candidate).get("model_type")
+        model_type = read_json_file(candidate).get("model_type")
         if model_type == "qwen3":
             return candidate
         # A shared folder (ComfyUI's text_encoders) may hold another model's config.json.
@@ -220,58 +202,9 @@ def _config_file(folder: Path) -> Path:
     return ASSETS_DIR / CONFIG_NAME
 
 
-def _check_config_values(data: dict) -> None:
-    """Raises ``ValueError`` naming the first size, number or rope setting of the wrong type or range.
-
-    transformers accepts some of these (a string ``rope_theta``, 0 heads) and fails later inside
-    model construction, with a ``ZeroDivisionError`` or a multi-line validation report.
-    """
-    for key in _SIZE_KEYS:
-        if key in data and not (key == "head_dim" and data[key] is None):
-            positive_int(key, data[key])
-    for key in ("rms_norm_eps", "rope_theta"):
-        if key in data:
-            positive_number(key, data[key])
-    if data.get("hidden_act", "silu") not in ACT2FN:
-        raise ValueError(f"hidden_act {data['hidden_act']!r} is not an activation transformers knows")
-    heads, kv_heads = data.get("num_attention_heads"), data.get("num_key_value_heads")
-    if heads and kv_heads and heads % kv_heads:
-        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = data.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            raise ValueError(f"{key} must be an object or null, got {rope!r}")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        known = ("default", *ROPE_INIT_FUNCTIONS)
-        if rope_type not in known:
-            raise ValueError(f"{key} has an unknown rope type {rope_type!r} (known: {', '.join(known)})")
-
-
-def _read_config(file: Path) -> Qwen3Config:
-    """The validated Qwen3 config in ``file``; every problem is one line naming the file and the key."""
-    data = _read_json(file)
-    try:
-        _check_config_values(data)
-        config = Qwen3Config.from_dict(data, attn_implementation="sdpa")
-        build_empty_model(config)  # on the meta device: runs every check model construction makes, in ~0.1 s
-    except Exception as err:  # transformers and its strict dataclasses raise many types; the user needs one line
-        raise ModelFileError(f"{file}: not a valid Qwen3 config.json ({short_reason(err)})") from None
-    return config
-
-
 def load_config(folder: "str | os.PathLike[str] | None" = None) -> Qwen3Config:
     """The Qwen3 config in ``folder`` if there is one, else the packaged Qwen3-0.6B config."""
-    return _read_config(ASSETS_DIR / CONFIG_NAME if folder is None else _config_file(Path(folder)))
-
-
-def build_empty_model(config: Qwen3Config) -> Qwen3Model:
-    """A ``Qwen3Model`` on the meta device (no memory, no init), with SDPA attention."""
-    config = copy.deepcopy(config)  # never mutate the caller's config
-    config._attn_implementation = "sdpa"  # fast on CPU, CUDA and MPS; the reference's default too
-    with torch.device("meta"):
-        return Qwen3Model(config)
+    return read_config(ASSETS_DIR / CONFIG_NAME if folder is None else _config_file(Path(folder)))
 
 
 def _weights_file(path: Path) -> Path:
@@ -359,7 +292,7 @@ def _text_encoder_files(path: Path) -> tuple[Path, Path, Qwen3Config, object]:
     weights = _weights_file(path)
     folder = weights.parent
     config_file = _config_file(folder)
-    config = _read_config(config_file)
+    config = read_config(config_file)
     tokenizer = load_tokenizer(folder if has_tokenizer(folder) else None)  # None: the packaged tokenizer
     if len(tokenizer) > config.vocab_size:
         raise ModelFileError(
