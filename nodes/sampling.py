@@ -56,7 +56,7 @@ class AAASampler:
         width = model.model.config.text_dim
         positive = conditioning_embeds(positive, "positive", width)
         negative = conditioning_embeds(negative, "negative", width)
-        check_models_fit(model.model.config, positive.shape[-1], samples.shape[1], model.path, "the positive conditioning", "latent_image")
+        check_models_fit(model.model.config, positive.shape[-1], samples.shape[1], "model", "the positive conditioning", "latent_image")
         if positive.shape[1] != negative.shape[1]:
             raise InputError(f"positive has {positive.shape[1]} tokens but negative {negative.shape[1]}; encode both with AAA Text Encode")
         # ComfyUI's min/max widget checks let NaN through (every comparison with it is false).
