@@ -168,7 +168,7 @@ def read_safetensors(
     return state_dict, metadata
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike[str]") -> None:
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike[str]") -> None:
     """Raises a one-line error naming the first floating tensor that holds NaN or infinity.
 
     Such weights give black or noise images with no error; one ``isfinite`` pass per tensor is cheap.
@@ -209,7 +209,7 @@ def load_checkpoint(
     """Reads a safetensors file and checks that it holds the ``expected`` model kind, with finite weights."""
     state_dict, metadata = read_safetensors(path, dtype=dtype, device=device)
     check_kind(state_dict, expected, path)
-    check_finite(state_dict, path)
+    check_finite_weights(state_dict, path)
     return state_dict, metadata
 
 
