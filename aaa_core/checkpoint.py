@@ -1,14 +1,19 @@
 """Safetensors I/O shared by every model: validated reads, model identification, atomic writes.
 
 All three model files (AAADiT, FLUX.2 VAE, Qwen3-0.6B) are plain safetensors. Reading them goes
-through :func:`load_checkpoint`, which turns every failure (missing file, truncated download,
-wrong model picked in a dropdown) into a one-line :class:`ModelFileError` that names the file.
+through :func:`load_checkpoint`, which turns every failure (missing or unreadable file, truncated
+download, wrong model picked in a dropdown, NaN weights) into a one-line :class:`ModelFileError`
+that names the file. :func:`read_header` reads names, dtypes and shapes alone, so files can be
+checked before any is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -62,6 +67,85 @@ def _describe_foreign(keys: set[str]) -> str:
     return "an unknown model"
 
 
+def check_path(path: "str | os.PathLike[str]", what: str = "file", missing_ok: bool = False) -> os.stat_result | None:
+    """Stats ``path``, or raises a one-line error: missing (``None`` if ``missing_ok``), or a folder on
+    the way cannot be searched (``Path.exists()`` raises a bare ``PermissionError`` for that)."""
+    path = Path(path)
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise ModelFileError(f"{path}: {what} not found") from None
+    except PermissionError:
+        locked = next((p for p in reversed(path.parents) if not os.access(p, os.X_OK)), path.parent)
+        raise ModelFileError(
+            f"{path}: permission denied: this user cannot look inside the folder {locked} (it needs search permission)"
+        ) from None
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot be accessed ({err.strerror or err})") from None
+
+
+def check_readable_file(path: "str | os.PathLike[str]") -> None:
+    """Raises a one-line error unless ``path`` is a file this process may read."""
+    path = Path(path)
+    if stat.S_ISDIR(check_path(path).st_mode):
+        raise ModelFileError(f"{path}: is a folder, expected a .safetensors file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ModelFileError(f"{path}: permission denied: this user may not read the file (check its permissions)") from None
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path, device: "str | torch.device" = "cpu") -> Iterator:
+    """``safe_open`` with every failure turned into a one-line error naming the file.
+
+    ``safe_open`` checks that the header covers the file exactly, so a truncated or padded
+    file (an interrupted download) is caught here, before any tensor is read.
+    """
+    check_readable_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            yield handle
+    except SafetensorError as err:
+        raise ModelFileError(
+            f"{path}: not a readable safetensors file ({err}); the download may be "
+            "incomplete or corrupt, fetch it again"
+        ) from None
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the safetensors header describes it, without its data."""
+
+    dtype: str  # safetensors' name: F32, BF16, I64, BOOL, ...
+    shape: tuple[int, ...]
+
+    def is_floating_point(self) -> bool:  # named as torch's, so checks take a tensor or a header entry
+        return self.dtype.startswith(("F", "BF"))
+
+
+def read_header(path: "str | os.PathLike[str]") -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensor names, dtypes and shapes and the metadata of a safetensors file, reading no tensor data.
+
+    Cheap even for the largest model, so all three files can be checked before any is loaded.
+    """
+    path = Path(path)
+    with _open_safetensors(path) as handle:
+        metadata = dict(handle.metadata() or {})
+        header = {}
+        for key in handle.keys():
+            tensor = handle.get_slice(key)
+            header[key] = TensorInfo(tensor.get_dtype(), tuple(tensor.get_shape()))
+    return header, metadata
+
+
 def read_safetensors(
     path: "str | os.PathLike[str]",
     dtype: torch.dtype | None = None,
@@ -73,27 +157,36 @@ def read_safetensors(
     buffers (BatchNorm's ``num_batches_tracked``) keep their dtype.
     """
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{path}: file not found")
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a folder, expected a .safetensors file")
     state_dict: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            metadata = dict(handle.metadata() or {})
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                state_dict[key] = tensor
-    except SafetensorError as err:
-        raise ModelFileError(
-            f"{path}: not a readable safetensors file ({err}); the download may be "
-            "incomplete or corrupt, fetch it again"
-        ) from None
-    except OSError as err:
-        raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    with _open_safetensors(path, device) as handle:
+        metadata = dict(handle.metadata() or {})
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state_dict[key] = tensor
     return state_dict, metadata
+
+
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike[str]") -> None:
+    """Raises a one-line error naming the first floating tensor that holds NaN or infinity.
+
+    Such weights give black or noise images with no error; one ``isfinite`` pass per tensor is cheap.
+    """
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        with safe_open(str(path), framework="pt") as handle:  # the stored values: corrupt, or overflowed by a cast?
+            stored = handle.get_tensor(key)
+        if bool(torch.isfinite(stored).all()):
+            raise ModelFileError(
+                f"{path}: tensor {key} overflows {str(tensor.dtype).removeprefix('torch.')} (values up to "
+                f"{stored.abs().max().item():.3g}); load it in fp32 or bf16"
+            )
+        raise ModelFileError(
+            f"{path}: tensor {key} holds NaN or infinite values; the file is corrupt (or from a diverged "
+            "training run): use another copy"
+        )
 
 
 def check_kind(keys: "set[str] | Mapping[str, object]", expected: str, path: "str | os.PathLike[str]") -> None:
@@ -113,16 +206,22 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     device: "str | torch.device" = "cpu",
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads a safetensors file and checks that it holds the ``expected`` model kind."""
+    """Reads a safetensors file and checks that it holds the ``expected`` model kind, with finite weights."""
     state_dict, metadata = read_safetensors(path, dtype=dtype, device=device)
     check_kind(state_dict, expected, path)
+    check_finite_weights(state_dict, path)
     return state_dict, metadata
 
 
 def check_state_dict_matches(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLike[str]"
+    model: torch.nn.Module, state_dict: "Mapping[str, torch.Tensor | TensorInfo]", path: "str | os.PathLike[str]"
 ) -> None:
-    """Raises a one-line error if ``state_dict`` does not fit ``model`` key for key, shape for shape."""
+    """Raises a one-line error if ``state_dict`` does not fit ``model`` key for key, shape for shape.
+
+    Also takes a header from :func:`read_header`, to check a file before reading it. Loaded
+    tensors must also be floating point where the model has weights (an int or bool tensor
+    would load and fail deep inside the first forward pass).
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -138,6 +237,11 @@ def check_state_dict_matches(
             raise ModelFileError(
                 f"{path}: tensor {key} has shape {tuple(state_dict[key].shape)}, "
                 f"expected {tuple(tensor.shape)}"
+            )
+        given = state_dict[key]
+        if tensor.is_floating_point() and not given.is_floating_point():
+            raise ModelFileError(
+                f"{path}: tensor {key} is {str(given.dtype).removeprefix('torch.')}, expected floating-point weights"
             )
 
 

@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import AAADIT, adopt_state_dict, load_checkpoint
+from .checkpoint import (
+    AAADIT,
+    TensorInfo,
+    adopt_state_dict,
+    check_kind,
+    check_state_dict_matches,
+    load_checkpoint,
+    read_header,
+)
+from .config_values import json_object, positive_int
 from .errors import ModelFileError
 
 CONFIG_METADATA_KEY = "aaa_dit_config"
@@ -45,6 +54,8 @@ class AAADiTConfig:
     pos_width: int = 16
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            positive_int(field.name, getattr(self, field.name))
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
 
@@ -53,22 +64,51 @@ class AAADiTConfig:
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> "AAADiTConfig":
-        """Infers the sizes from tensor shapes; ``num_heads`` comes from metadata or head_dim 32."""
-        stored = json.loads((metadata or {}).get(CONFIG_METADATA_KEY, "{}"))
-        dim, latent_channels = state_dict["image_embedder.0.weight"].shape
-        depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-        _, _, pos_height, pos_width = state_dict["pos_embedder.image_emb"].shape
-        return cls(
-            dim=dim,
-            depth=depth,
-            num_heads=stored.get("num_heads", max(1, dim // 32)),
-            latent_channels=latent_channels,
-            text_dim=state_dict["text_embedder.0.weight"].shape[1],
-            ff_mult=state_dict["blocks.0.ff.0.weight"].shape[0] // dim,
-            time_freq_dim=state_dict["timestep_embedder.timestep_embedder.0.weight"].shape[1],
-            pos_height=pos_height,
-            pos_width=pos_width,
-        )
+        """Infers the sizes from tensor shapes (or header entries); ``num_heads`` comes from metadata or head_dim 32.
+
+        Sizes stored in the metadata must agree with the shapes: a disagreement means the metadata
+        was edited or belongs to another file, and guessing which one is right would be worse.
+        """
+        stored = _stored_config(metadata or {})
+        try:
+            dim, latent_channels = state_dict["image_embedder.0.weight"].shape
+            depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+            _, _, pos_height, pos_width = state_dict["pos_embedder.image_emb"].shape
+            inferred = dict(
+                dim=dim,
+                depth=depth,
+                latent_channels=latent_channels,
+                text_dim=state_dict["text_embedder.0.weight"].shape[1],
+                ff_mult=state_dict["blocks.0.ff.0.weight"].shape[0] // dim,
+                time_freq_dim=state_dict["timestep_embedder.timestep_embedder.0.weight"].shape[1],
+                pos_height=pos_height,
+                pos_width=pos_width,
+            )
+        except (ValueError, IndexError, ZeroDivisionError) as err:  # a tensor of the wrong rank, a key like blocks.x
+            raise ValueError(f"tensor names or shapes are not an AAADiT's ({err})") from None
+        for name, value in stored.items():
+            if name in inferred and value != inferred[name]:
+                raise ValueError(
+                    f"metadata {CONFIG_METADATA_KEY} says {name} {value}, but the weights' shapes give {inferred[name]}"
+                )
+        num_heads = stored.get("num_heads", max(1, dim // 32))
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads} (metadata {CONFIG_METADATA_KEY})")
+        return cls(num_heads=num_heads, **inferred)
+
+
+def _stored_config(metadata: Mapping[str, str]) -> dict[str, int]:
+    """The sizes our trainer stores in the checkpoint metadata, type-checked; empty for the published file."""
+    if CONFIG_METADATA_KEY not in metadata:
+        return {}
+    where = f"metadata {CONFIG_METADATA_KEY}"
+    stored = json_object(metadata[CONFIG_METADATA_KEY], where)
+    known = {field.name for field in dataclasses.fields(AAADiTConfig)}
+    for name, value in stored.items():
+        if name not in known:
+            raise ValueError(f"{where} has an unknown key {name!r} (known: {', '.join(sorted(known))})")
+        positive_int(f"{where} {name}", value)
+    return stored
 
 
 # --------------------------------------------------------------------------------------
@@ -234,13 +274,34 @@ def dit_from_state_dict(
 
     ``model_class`` may be a subclass with another calling convention (ComfyUI's, in the nodes).
     """
+    return adopt_state_dict(empty_dit(state_dict, metadata, source, operations, model_class), state_dict, source)
+
+
+def empty_dit(
+    state_dict: "Mapping[str, torch.Tensor | TensorInfo]",
+    metadata: Mapping[str, str] | None = None,
+    source: "str | os.PathLike[str]" = "state dict",
+    operations: Operations = nn,
+    model_class: type[AAADiT] = AAADiT,
+) -> AAADiT:
+    """An AAADiT on the meta device sized from ``state_dict`` or a file's header (no memory, no init)."""
     try:
         config = AAADiTConfig.from_state_dict(state_dict, metadata)
-    except (KeyError, ValueError) as err:
-        raise ModelFileError(f"{source}: not a complete AAADiT checkpoint ({err})") from None
+    except KeyError as err:
+        raise ModelFileError(f"{source}: not a complete AAADiT checkpoint (missing {err})") from None
+    except ValueError as err:
+        raise ModelFileError(f"{source}: {err}") from None
     with torch.device("meta"):
-        model = model_class(config, operations)
-    return adopt_state_dict(model, state_dict, source)
+        return model_class(config, operations)
+
+
+def check_dit_file(path: "str | os.PathLike[str]") -> AAADiTConfig:
+    """Checks an AAADiT file from its header alone (kind, metadata, every key and shape); returns its config."""
+    header, metadata = read_header(path)
+    check_kind(header, AAADIT, path)
+    model = empty_dit(header, metadata, path)
+    check_state_dict_matches(model, header, path)
+    return model.config
 
 
 def load_dit(

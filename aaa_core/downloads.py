@@ -2,19 +2,23 @@
 
 A local file always wins; a download happens only when no path is given and the file is not
 already there. Offline, the error names the file, where it was looked for, and how to get it.
+A fetched file is verified (complete safetensors header, right model, SHA-256 where known)
+before it takes its final name, and a bad file already there is reported, not loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
-from .errors import ModelFileError
+from .checkpoint import AAADIT, FLUX2_VAE, QWEN3, check_kind, check_path, read_header
+from .errors import ModelFileError, combined, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +34,22 @@ class ModelSource:
     repo_id: str
     repo_file: str
     local_name: str
+    kind: str  # the checkpoint model kind the file must hold (checkpoint.AAADIT, ...)
+    sha256: str | None = None  # hex digest, only where the publisher states one
 
     @property
     def url(self) -> str:
         return f"https://modelscope.cn/models/{self.repo_id}/files"
 
+    def how_to_get(self, target: Path) -> str:
+        """The manual way out, for the end of error messages."""
+        return f"get '{self.repo_file}' from {self.url} and save it as {target}, or pass its path explicitly"
 
-DIT = ModelSource("AAADiT", "DiffSynth-Studio/AAAMyModel", "step-600000.safetensors", "aaa_dit_step-600000.safetensors")
-VAE = ModelSource("FLUX.2 VAE", "black-forest-labs/FLUX.2-klein-4B", "vae/diffusion_pytorch_model.safetensors", "flux2_vae.safetensors")
-TEXT_ENCODER = ModelSource("Qwen3-0.6B text encoder", "Qwen/Qwen3-0.6B", "model.safetensors", "qwen3_0.6b.safetensors")
+
+# No SHA-256 is set: none is published alongside these files that we could check against.
+DIT = ModelSource("AAADiT", "DiffSynth-Studio/AAAMyModel", "step-600000.safetensors", "aaa_dit_step-600000.safetensors", AAADIT)
+VAE = ModelSource("FLUX.2 VAE", "black-forest-labs/FLUX.2-klein-4B", "vae/diffusion_pytorch_model.safetensors", "flux2_vae.safetensors", FLUX2_VAE)
+TEXT_ENCODER = ModelSource("Qwen3-0.6B text encoder", "Qwen/Qwen3-0.6B", "model.safetensors", "qwen3_0.6b.safetensors", QWEN3)
 SOURCES = {"dit": DIT, "vae": VAE, "text_encoder": TEXT_ENCODER}
 
 
@@ -55,21 +66,106 @@ def resolve_model_file(
     local_path: "str | os.PathLike[str] | None" = None,
     model_dir: "str | os.PathLike[str] | None" = None,
     progress: DownloadProgress | None = None,
+    may_download: bool = True,
 ) -> Path:
-    """Returns ``local_path`` if given (it must exist), else the file in ``model_dir``, downloading it once."""
+    """Returns ``local_path`` if given (it must exist), else the file in ``model_dir``, downloading it once.
+
+    A file already in ``model_dir`` is checked first: a bad one there (an earlier download cut
+    short by a crash) would otherwise be loaded, and fail, on every run.
+    """
     if local_path is not None:
         path = Path(local_path).expanduser()
-        if not path.exists():
-            raise ModelFileError(f"{path}: {source.label} file not found")
+        check_path(path, f"{source.label} file")
         return path
     target = Path(model_dir or default_model_dir()) / source.local_name
-    if target.is_file():
+    if check_path(target, missing_ok=True) is not None:
+        check_downloaded(source, target)
         return target
+    if not may_download:
+        raise ModelFileError(f"{source.label} not found at {target} (not downloaded); {source.how_to_get(target)}")
     return download(source, target, progress)
 
 
+def resolve_model_files(
+    paths: Mapping[str, "str | os.PathLike[str] | None"],
+    model_dir: "str | os.PathLike[str] | None" = None,
+    progress: DownloadProgress | None = None,
+) -> dict[str, Path]:
+    """:func:`resolve_model_file` for several ``SOURCES`` keys; every missing file is named in one error.
+
+    After one download fails (offline, typically) the others are not tried: each would only wait
+    out the same network timeout, and the user learns about all of them in one run, not three.
+    """
+    resolved: dict[str, Path] = {}
+    problems: list[str] = []
+    may_download = True
+    for key, local_path in paths.items():
+        source = SOURCES[key]
+        try:
+            resolved[key] = resolve_model_file(source, local_path, model_dir, progress, may_download)
+        except ModelFileError as err:
+            problems.append(str(err))
+            target = Path(model_dir or default_model_dir()) / source.local_name
+            may_download = may_download and not (local_path is None and not os.path.isfile(target))
+    if problems:
+        raise combined(problems, "model files are missing or bad")
+    return resolved
+
+
+def check_downloaded(source: ModelSource, path: Path) -> None:
+    """Raises a one-line error, with "delete it and run again", if the file at the download target is bad."""
+    problem = _problem(source, path)
+    if problem:
+        raise ModelFileError(
+            f"{path}: {problem}; this is where the {source.label} is downloaded to: delete it and run again "
+            "to download it afresh"
+        )
+
+
+def _problem(source: ModelSource, path: Path) -> str | None:
+    """What is wrong with a fetched file (incomplete, not safetensors, another model, wrong SHA-256), or None.
+
+    The safetensors header must cover the file exactly, so a download that stopped early without
+    any client error is caught here at the cost of reading the header only.
+    """
+    try:
+        header, _ = read_header(path)
+        check_kind(header, source.kind, path)
+    except ModelFileError as err:
+        return str(err).removeprefix(f"{path}: ")
+    if source.sha256 is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != source.sha256:
+            return f"SHA-256 is {digest.hexdigest()}, expected {source.sha256} (the file is corrupt)"
+    return None
+
+
+def ensure_writable_folder(source: ModelSource, target: Path) -> None:
+    """Creates ``target``'s folder if needed; a one-line error if the file cannot be written there."""
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelFileError(
+            f"{folder}: cannot create the model folder ({err.strerror or err}) to download the {source.label}; "
+            f"{source.how_to_get(target)}"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelFileError(
+            f"{folder}: the model folder is not writable by this user, so the {source.label} cannot be downloaded "
+            f"into it; use a writable model folder, or {source.how_to_get(target)}"
+        )
+
+
 def download(source: ModelSource, target: Path, progress: DownloadProgress | None = None) -> Path:
-    """Fetches ``source`` from ModelScope to ``target``, atomically: no partial file at ``target``."""
+    """Fetches ``source`` from ModelScope to ``target``, atomically: no partial file at ``target``.
+
+    The fetched file takes the final name only once it is verified complete and the right model.
+    """
+    ensure_writable_folder(source, target)
     try:
         from modelscope.hub.snapshot_download import snapshot_download  # heavy import, only when needed
     except ImportError:  # ComfyUI's own requirements do not include modelscope
@@ -88,14 +184,19 @@ def download(source: ModelSource, target: Path, progress: DownloadProgress | Non
         fetched = staging / source.repo_file
         if not fetched.is_file():
             raise FileNotFoundError(f"{source.repo_file} is not in the repository")
+        problem = _problem(source, fetched)
+        if problem:
+            raise ModelFileError(
+                f"{source.label}: the file downloaded from ModelScope failed its check and was discarded ({problem}); "
+                f"nothing was saved at {target}. Run again to retry, or {source.how_to_get(target)}"
+            )
         os.replace(fetched, target)
     except (KeyboardInterrupt, ModelFileError):
         raise
     except Exception as err:  # modelscope raises many types (network, HTTP, hub errors)
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise ModelFileError(
-            f"{source.label} not found at {target} and the download from ModelScope failed ({reason}). "
-            f"Get '{source.repo_file}' from {source.url} and save it as {target}, or pass its path explicitly"
+            f"{source.label} not found at {target} and the download from ModelScope failed ({short_reason(err)}); "
+            f"{source.how_to_get(target)}"
         ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -31,3 +31,23 @@ class OutputError(AAAError):
 
 class ComputeError(AAAError):
     """A computation could not finish usefully: out of memory, or numbers that overflowed to NaN/inf."""
+
+
+def short_reason(err: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line for a one-line error: whitespace folded, cut between words.
+
+    Library errors (ModelScope, transformers) can span lines or run long; cutting mid-word or
+    keeping only the first line would lose the part that says what happened.
+    """
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) <= limit:
+        return text
+    head = text[: limit + 1].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return head.rstrip(" ,;:") + " ..."
+
+
+def combined(messages: "list[str]", what: str) -> ModelFileError:
+    """One error for several problems found in one pass, numbered on one line; a single one stays as is."""
+    if len(messages) == 1:
+        return ModelFileError(messages[0])
+    return ModelFileError(f"{len(messages)} {what}: " + " ".join(f"({i}) {m}" for i, m in enumerate(messages, 1)))

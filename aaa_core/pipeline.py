@@ -21,6 +21,7 @@ from .errors import InputError
 from .guards import require_finite
 from .images import pil_to_tensor, resize_cover, tensor_to_pil
 from .limits import MAX_BATCH_SIZE, MAX_STEPS, SEED_MAX, check_finite, check_int_range, check_text
+from .preflight import check_model_files, check_models_fit
 from .sampling import StepCallback, latent_size, make_noise, sample
 from .text_encoder import Qwen3TextEncoder, load_text_encoder
 from .vae import Flux2VAE, load_vae
@@ -99,6 +100,7 @@ class AAAPipeline:
     """The text encoder, DiT and VAE on one device in one compute dtype."""
 
     def __init__(self, text_encoder: Qwen3TextEncoder, dit: AAADiT, vae: Flux2VAE):
+        check_models_fit(dit.config, text_encoder.model.config.hidden_size, vae.latent_channels)
         self.text_encoder = text_encoder
         self.dit = dit
         self.vae = vae
@@ -121,13 +123,15 @@ class AAAPipeline:
         dtype: str = "auto",
         model_dir: "str | os.PathLike[str] | None" = None,
     ) -> "AAAPipeline":
-        """Loads the three models; any path left out is downloaded once into ``model_dir``."""
+        """Loads the three models; any path left out is downloaded once into ``model_dir``.
+
+        All missing files are reported in one error, and all three files are checked against
+        each other from their headers before the first one is loaded.
+        """
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        paths = {
-            key: downloads.resolve_model_file(downloads.SOURCES[key], path, model_dir)
-            for key, path in (("text_encoder", text_encoder), ("dit", dit), ("vae", vae))
-        }
+        paths = downloads.resolve_model_files({"text_encoder": text_encoder, "dit": dit, "vae": vae}, model_dir)
+        check_model_files(paths["dit"], paths["text_encoder"], paths["vae"])
         log.info("loading models on %s in %s", torch_device, torch_dtype)
         return cls(
             text_encoder=load_text_encoder(paths["text_encoder"], dtype=torch_dtype, device=torch_device),

@@ -13,19 +13,27 @@ shipped with this package, so no download is ever needed.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
-from .checkpoint import QWEN3, adopt_state_dict, load_checkpoint
-from .errors import InputError, ModelFileError
+from .checkpoint import (
+    QWEN3,
+    adopt_state_dict,
+    check_kind,
+    check_path,
+    check_state_dict_matches,
+    load_checkpoint,
+    read_header,
+)
+from .errors import InputError, ModelFileError, short_reason
+from .qwen3_config import build_empty_model, read_config, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ TOKENIZER_FILE_NAMES = (
     "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
+_TOKENIZER_JSON_FILES = tuple(name for name in TOKENIZER_FILE_NAMES if name.endswith(".json"))
 
 
 # --------------------------------------------------------------------------------------
@@ -59,12 +68,14 @@ def has_tokenizer(folder: "str | os.PathLike[str]") -> bool:
 
 
 def _read_tokenizer(folder: Path):
+    for name in _TOKENIZER_JSON_FILES:  # a malformed file is named here; transformers would only say "cannot load"
+        if (folder / name).is_file():
+            read_json_file(folder / name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # transformers raises many types here; the user needs one line
         logger.debug("tokenizer load failed", exc_info=True)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(f"{folder}: tokenizer files cannot be loaded ({reason})") from None
+        raise ModelFileError(f"{folder}: tokenizer files cannot be loaded ({short_reason(err)})") from None
     if tokenizer.pad_token_id != PAD_TOKEN_ID or not getattr(tokenizer, "chat_template", None):
         raise ModelFileError(
             f"{folder}: not the Qwen3 tokenizer (expected pad token {PAD_TOKEN} = {PAD_TOKEN_ID} "
@@ -73,6 +84,11 @@ def _read_tokenizer(folder: Path):
     # The reference relies on the defaults, which are right-side for both; pin them.
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "right"
+    try:  # a broken template would otherwise fail at the first prompt, after the models are loaded
+        build_prompt("a test prompt", tokenizer)
+    except Exception as err:  # jinja2 raises several types; the user needs one line
+        template = folder / ("chat_template.jinja" if (folder / "chat_template.jinja").is_file() else "tokenizer_config.json")
+        raise ModelFileError(f"{template}: the chat_template cannot be rendered ({short_reason(err)})") from None
     return tokenizer
 
 
@@ -178,10 +194,7 @@ def _config_file(folder: Path) -> Path:
     """``folder/config.json`` if it describes a Qwen3 model, else the packaged 0.6B config."""
     candidate = folder / CONFIG_NAME
     if candidate.is_file():
-        try:
-            model_type = json.loads(candidate.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError, AttributeError) as err:
-            raise ModelFileError(f"{candidate}: not a readable config.json ({err})") from None
+        model_type = read_json_file(candidate).get("model_type")
         if model_type == "qwen3":
             return candidate
         # A shared folder (ComfyUI's text_encoders) may hold another model's config.json.
@@ -189,32 +202,14 @@ def _config_file(folder: Path) -> Path:
     return ASSETS_DIR / CONFIG_NAME
 
 
-def _read_config(file: Path) -> Qwen3Config:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        return Qwen3Config.from_dict(data, attn_implementation="sdpa")
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        raise ModelFileError(f"{file}: not a valid Qwen3 config.json ({err})") from None
-
-
 def load_config(folder: "str | os.PathLike[str] | None" = None) -> Qwen3Config:
     """The Qwen3 config in ``folder`` if there is one, else the packaged Qwen3-0.6B config."""
-    return _read_config(ASSETS_DIR / CONFIG_NAME if folder is None else _config_file(Path(folder)))
-
-
-def build_empty_model(config: Qwen3Config) -> Qwen3Model:
-    """A ``Qwen3Model`` on the meta device (no memory, no init), with SDPA attention."""
-    config = copy.deepcopy(config)  # never mutate the caller's config
-    config._attn_implementation = "sdpa"  # fast on CPU, CUDA and MPS; the reference's default too
-    with torch.device("meta"):
-        return Qwen3Model(config)
+    return read_config(ASSETS_DIR / CONFIG_NAME if folder is None else _config_file(Path(folder)))
 
 
 def _weights_file(path: Path) -> Path:
     """The weights file of a single file or a ``Qwen/Qwen3-0.6B`` folder."""
-    if not path.exists():
-        raise ModelFileError(f"{path}: not found")
-    if not path.is_dir():
+    if not stat.S_ISDIR(check_path(path).st_mode):  # check_path: one line for a folder that cannot be searched too
         return path
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -289,6 +284,34 @@ def _check_sizes(state_dict: dict[str, torch.Tensor], config: Qwen3Config, confi
         )
 
 
+def _text_encoder_files(path: Path) -> tuple[Path, Path, Qwen3Config, object]:
+    """The weights file, config file, validated config and tokenizer for a folder or a single weights file.
+
+    Everything here is small; a bad config or tokenizer is reported before any weight is read.
+    """
+    weights = _weights_file(path)
+    folder = weights.parent
+    config_file = _config_file(folder)
+    config = read_config(config_file)
+    tokenizer = load_tokenizer(folder if has_tokenizer(folder) else None)  # None: the packaged tokenizer
+    if len(tokenizer) > config.vocab_size:
+        raise ModelFileError(
+            f"{weights}: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}"
+        )
+    return weights, config_file, config, tokenizer
+
+
+def check_text_encoder_file(path: "str | os.PathLike[str]") -> int:
+    """Checks a Qwen3 text encoder from its config, tokenizer and weights header alone; returns its hidden size."""
+    weights, config_file, config, _ = _text_encoder_files(Path(path))
+    header, _ = read_header(weights)
+    check_kind(header, QWEN3, weights)
+    header = _to_model_keys(header)
+    _check_sizes(header, config, config_file, weights)
+    check_state_dict_matches(build_empty_model(config), header, weights)
+    return config.hidden_size
+
+
 def load_text_encoder(
     path: "str | os.PathLike[str]",
     dtype: torch.dtype | None = None,
@@ -299,14 +322,7 @@ def load_text_encoder(
     ``dtype`` None keeps the file's dtype (bf16 for the official file). The model is in eval
     mode without gradients; tensors are read straight onto ``device``.
     """
-    weights = _weights_file(Path(path))
-    folder = weights.parent
-
-    config_file = _config_file(folder)
-    config = _read_config(config_file)
-    tokenizer_folder = folder if has_tokenizer(folder) else None  # None: the packaged tokenizer
-    tokenizer = load_tokenizer(tokenizer_folder)
-
+    weights, config_file, config, tokenizer = _text_encoder_files(Path(path))
     state_dict, _ = load_checkpoint(weights, QWEN3, dtype=dtype, device=device)
     state_dict = _to_model_keys(state_dict)
     _check_sizes(state_dict, config, config_file, weights)
@@ -322,12 +338,8 @@ def load_text_encoder(
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise RuntimeError("Qwen3Model still has tensors on the meta device after loading")
 
-    if len(tokenizer) > config.vocab_size:
-        raise ModelFileError(
-            f"{weights}: the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}"
-        )
     logger.info(
         "Loaded Qwen3 text encoder %s (config %s, tokenizer %s, %s on %s)",
-        weights, config_file, tokenizer_folder or ASSETS_DIR, model.embed_tokens.weight.dtype, device,
+        weights, config_file, tokenizer.name_or_path, model.embed_tokens.weight.dtype, device,
     )
     return Qwen3TextEncoder(model, tokenizer)

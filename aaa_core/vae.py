@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import FLUX2_VAE, adopt_state_dict, load_checkpoint
+from .checkpoint import (
+    FLUX2_VAE,
+    TensorInfo,
+    adopt_state_dict,
+    check_kind,
+    check_state_dict_matches,
+    load_checkpoint,
+    read_header,
+)
 from .errors import InputError, ModelFileError
 
 GROUP_NORM_EPS = 1e-6  # every GroupNorm in the encoder and decoder (section 6)
@@ -342,6 +350,18 @@ def vae_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], source: "str | os.PathLike[str]" = "state dict"
 ) -> Flux2VAE:
     """Builds a Flux2VAE sized from ``state_dict`` and loads it strictly (tensors are adopted, not copied)."""
+    model = adopt_state_dict(empty_vae(state_dict, source), state_dict, source)
+    variance = model.bn.running_var
+    if not bool((variance > 0).all()):  # latents are divided by sqrt(var + 1e-4): zero or below is a corrupt file
+        raise ModelFileError(
+            f"{source}: tensor bn.running_var has {int((variance <= 0).sum())} of {variance.numel()} values <= 0 "
+            f"(smallest {variance.min().item():.3g}); a variance must be positive: the file is corrupt"
+        )
+    return model
+
+
+def empty_vae(state_dict: "Mapping[str, torch.Tensor | TensorInfo]", source: "str | os.PathLike[str]" = "state dict") -> Flux2VAE:
+    """A Flux2VAE on the meta device sized from ``state_dict`` or a file's header (no memory, no init)."""
     try:
         config = Flux2VAEConfig.from_state_dict(state_dict)
     except KeyError as err:
@@ -349,8 +369,16 @@ def vae_from_state_dict(
     except (ValueError, IndexError) as err:
         raise ModelFileError(f"{source}: not a complete FLUX.2 VAE checkpoint ({err})") from None
     with torch.device("meta"):
-        model = Flux2VAE(config)
-    return adopt_state_dict(model, state_dict, source)
+        return Flux2VAE(config)
+
+
+def check_vae_file(path: "str | os.PathLike[str]") -> int:
+    """Checks a FLUX.2 VAE file from its header alone (kind, every key and shape); returns its latent channels."""
+    header, _ = read_header(path)
+    check_kind(header, FLUX2_VAE, path)
+    model = empty_vae(header, path)
+    check_state_dict_matches(model, header, path)
+    return model.latent_channels
 
 
 def load_vae(

@@ -38,6 +38,8 @@ def resolve(kind: str, name: str) -> Path:
     folder, source = FOLDERS[kind], downloads.SOURCES[kind]
     path = bridge.model_file_path(folder, name)
     if path is not None:
+        if name == source.local_name:  # where we download to: a bad file there is one we may have left
+            downloads.check_downloaded(source, path)
         return path
     dirs = bridge.folder_dirs(folder)
     where = ", ".join(dirs) if dirs else f"no '{folder}' folder is configured"
@@ -60,7 +62,7 @@ def fetch(source: downloads.ModelSource, target: Path) -> Path:
     _wait_for(_downloads.get(target))  # a cancelled download of the same file may still be winding down
     if target.is_file():  # ... or may have finished after all
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    downloads.ensure_writable_folder(source, target)
     state = {"done": 0, "total": 0, "cancel": False}
 
     def progress(done: int, total: int) -> None:  # runs in modelscope's worker threads

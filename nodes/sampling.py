@@ -14,6 +14,7 @@ import torch
 
 from ..aaa_core.errors import InputError
 from ..aaa_core.limits import MAX_STEPS, SEED_MAX, check_finite
+from ..aaa_core.preflight import check_models_fit
 from ..aaa_core.sampling import batch_seed, make_noise, sample
 from . import comfy_bridge as bridge
 from .conditioning import conditioning_embeds
@@ -55,6 +56,7 @@ class AAASampler:
         width = model.model.config.text_dim
         positive = conditioning_embeds(positive, "positive", width)
         negative = conditioning_embeds(negative, "negative", width)
+        check_models_fit(model.model.config, positive.shape[-1], samples.shape[1], "model", "the positive conditioning", "latent_image")
         if positive.shape[1] != negative.shape[1]:
             raise InputError(f"positive has {positive.shape[1]} tokens but negative {negative.shape[1]}; encode both with AAA Text Encode")
         # ComfyUI's min/max widget checks let NaN through (every comparison with it is false).

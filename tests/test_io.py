@@ -1,6 +1,7 @@
 """Checkpoint writes, image conversions and model-file resolution (downloads)."""
 
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ from aaa_core import downloads
 from aaa_core.checkpoint import atomic_output, identify_model, read_safetensors, save_safetensors
 from aaa_core.errors import InputError, ModelFileError
 from aaa_core.images import comfy_to_vae, open_rgb, pil_to_tensor, resize_cover, tensor_to_pil, vae_to_comfy
+from tiny_models import save_tiny_vae
 
 # --------------------------------------------------------------------------------------
 # Atomic writes
@@ -107,8 +109,7 @@ def test_local_file_wins_and_missing_local_file_is_named(tmp_path):
 
 
 def test_file_already_in_model_dir_is_used_without_network(tmp_path):
-    cached = tmp_path / downloads.VAE.local_name
-    cached.write_bytes(b"x")
+    cached = save_tiny_vae(tmp_path / downloads.VAE.local_name)
     assert downloads.resolve_model_file(downloads.VAE, model_dir=tmp_path) == cached
 
 
@@ -123,12 +124,14 @@ def test_model_dir_defaults_to_env_then_xdg_cache(tmp_path, monkeypatch):
 def test_download_is_atomic_and_reports_progress(tmp_path, monkeypatch):
     """A stand-in for ModelScope writes the file into the staging folder the way snapshot_download does."""
     calls = []
+    weights = save_tiny_vae(tmp_path / "source" / "vae.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "source")
 
     def fake_snapshot_download(repo_id, allow_patterns, local_dir, progress_callbacks=()):
         calls.append((repo_id, allow_patterns))
         path = tmp_path / local_dir / allow_patterns[0]
         path.parent.mkdir(parents=True)
-        path.write_bytes(b"weights")
+        path.write_bytes(weights)
         for cls in progress_callbacks:
             callback = cls(allow_patterns[0], 7)
             callback.update(3)
@@ -140,7 +143,7 @@ def test_download_is_atomic_and_reports_progress(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "snapshot_download", fake_snapshot_download)
     progress = []
     path = downloads.resolve_model_file(downloads.VAE, model_dir=tmp_path, progress=lambda d, t: progress.append((d, t)))
-    assert path == tmp_path / "flux2_vae.safetensors" and path.read_bytes() == b"weights"
+    assert path == tmp_path / "flux2_vae.safetensors" and path.read_bytes() == weights
     assert calls == [("black-forest-labs/FLUX.2-klein-4B", ["vae/diffusion_pytorch_model.safetensors"])]
     assert progress == [(3, 7), (7, 7)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flux2_vae.safetensors"]  # staging folder removed
