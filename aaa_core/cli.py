@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .devices import resolve_device, resolve_dtype
-from .errors import AAAError, InputError
+from .errors import AAAError, InputError, ways_out
 from .guards import out_of_memory_as_error
 from .images import open_rgb
 from .limits import MAX_BATCH_SIZE, MAX_RESOLUTION, MAX_STEPS
@@ -31,6 +31,8 @@ SETTING_FLAGS = {
     "prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps", "cfg": "--cfg",
     "seed": "--seed", "width": "--width", "height": "--height", "batch_size": "--batch-size", "denoise": "--denoise",
 }
+# The flag that passes each model file (downloads.SOURCES keys), for the way out of a missing or bad download.
+MODEL_FLAGS = {"dit": "--dit", "vae": "--vae", "text_encoder": "--text-encoder"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generate(args)
     except AAAError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{ways_out(err, MODEL_FLAGS)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -35,6 +35,7 @@ class ModelSource:
     repo_file: str
     local_name: str
     kind: str  # the checkpoint model kind the file must hold (checkpoint.AAADIT, ...)
+    setting: str  # its key in SOURCES: what errors about it name (AAAError.settings)
     sha256: str | None = None  # hex digest, only where the publisher states one
 
     @property
@@ -42,14 +43,18 @@ class ModelSource:
         return f"https://modelscope.cn/models/{self.repo_id}/files"
 
     def how_to_get(self, target: Path) -> str:
-        """The manual way out, for the end of error messages."""
-        return f"get '{self.repo_file}' from {self.url} and save it as {target}, or pass its path explicitly"
+        """The manual way out, for the end of error messages (each front end adds its own: ``ways_out``)."""
+        return f"get '{self.repo_file}' from {self.url} and save it as {target}"
+
+    def error(self, message: str) -> ModelFileError:
+        """A one-line error about this file that names it as the setting to change."""
+        return ModelFileError(message, settings=(self.setting,))
 
 
 # No SHA-256 is set: none is published alongside these files that we could check against.
-DIT = ModelSource("AAADiT", "DiffSynth-Studio/AAAMyModel", "step-600000.safetensors", "aaa_dit_step-600000.safetensors", AAADIT)
-VAE = ModelSource("FLUX.2 VAE", "black-forest-labs/FLUX.2-klein-4B", "vae/diffusion_pytorch_model.safetensors", "flux2_vae.safetensors", FLUX2_VAE)
-TEXT_ENCODER = ModelSource("Qwen3-0.6B text encoder", "Qwen/Qwen3-0.6B", "model.safetensors", "qwen3_0.6b.safetensors", QWEN3)
+DIT = ModelSource("AAADiT", "DiffSynth-Studio/AAAMyModel", "step-600000.safetensors", "aaa_dit_step-600000.safetensors", AAADIT, "dit")
+VAE = ModelSource("FLUX.2 VAE", "black-forest-labs/FLUX.2-klein-4B", "vae/diffusion_pytorch_model.safetensors", "flux2_vae.safetensors", FLUX2_VAE, "vae")
+TEXT_ENCODER = ModelSource("Qwen3-0.6B text encoder", "Qwen/Qwen3-0.6B", "model.safetensors", "qwen3_0.6b.safetensors", QWEN3, "text_encoder")
 SOURCES = {"dit": DIT, "vae": VAE, "text_encoder": TEXT_ENCODER}
 
 
@@ -82,7 +87,7 @@ def resolve_model_file(
         check_downloaded(source, target)
         return target
     if not may_download:
-        raise ModelFileError(f"{source.label} not found at {target} (not downloaded); {source.how_to_get(target)}")
+        raise source.error(f"{source.label} not found at {target} (not downloaded); {source.how_to_get(target)}")
     return download(source, target, progress)
 
 
@@ -97,14 +102,14 @@ def resolve_model_files(
     out the same network timeout, and the user learns about all of them in one run, not three.
     """
     resolved: dict[str, Path] = {}
-    problems: list[str] = []
+    problems: list[ModelFileError] = []
     may_download = True
     for key, local_path in paths.items():
         source = SOURCES[key]
         try:
             resolved[key] = resolve_model_file(source, local_path, model_dir, progress, may_download)
         except ModelFileError as err:
-            problems.append(str(err))
+            problems.append(err)
             target = Path(model_dir or default_model_dir()) / source.local_name
             may_download = may_download and not (local_path is None and not os.path.isfile(target))
     if problems:
@@ -116,7 +121,7 @@ def check_downloaded(source: ModelSource, path: Path) -> None:
     """Raises a one-line error, with "delete it and run again", if the file at the download target is bad."""
     problem = _problem(source, path)
     if problem:
-        raise ModelFileError(
+        raise source.error(
             f"{path}: {problem}; this is where the {source.label} is downloaded to: delete it and run again "
             "to download it afresh"
         )
@@ -149,12 +154,12 @@ def ensure_writable_folder(source: ModelSource, target: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ModelFileError(
+        raise source.error(
             f"{folder}: cannot create the model folder ({err.strerror or err}) to download the {source.label}; "
             f"{source.how_to_get(target)}"
         ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ModelFileError(
+        raise source.error(
             f"{folder}: the model folder is not writable by this user, so the {source.label} cannot be downloaded "
             f"into it; use a writable model folder, or {source.how_to_get(target)}"
         )
@@ -169,7 +174,7 @@ def download(source: ModelSource, target: Path, progress: DownloadProgress | Non
     try:
         from modelscope.hub.snapshot_download import snapshot_download  # heavy import, only when needed
     except ImportError:  # ComfyUI's own requirements do not include modelscope
-        raise ModelFileError(
+        raise source.error(
             f"{source.label} not found at {target}, and downloading it needs the 'modelscope' package: run "
             f"`pip install modelscope` (with ComfyUI's Python inside ComfyUI), or get '{source.repo_file}' "
             f"from {source.url} and save it as {target}"
@@ -186,7 +191,7 @@ def download(source: ModelSource, target: Path, progress: DownloadProgress | Non
             raise FileNotFoundError(f"{source.repo_file} is not in the repository")
         problem = _problem(source, fetched)
         if problem:
-            raise ModelFileError(
+            raise source.error(
                 f"{source.label}: the file downloaded from ModelScope failed its check and was discarded ({problem}); "
                 f"nothing was saved at {target}. Run again to retry, or {source.how_to_get(target)}"
             )
@@ -194,7 +199,7 @@ def download(source: ModelSource, target: Path, progress: DownloadProgress | Non
     except (KeyboardInterrupt, ModelFileError):
         raise
     except Exception as err:  # modelscope raises many types (network, HTTP, hub errors)
-        raise ModelFileError(
+        raise source.error(
             f"{source.label} not found at {target} and the download from ModelScope failed ({short_reason(err)}); "
             f"{source.how_to_get(target)}"
         ) from None

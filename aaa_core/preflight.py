@@ -46,7 +46,7 @@ def check_model_files(
     from .text_encoder import check_text_encoder_file  # imports transformers, which the sampler node must not
 
     results: dict[str, object] = {}
-    problems: list[str] = []
+    problems: list[ModelFileError] = []
     checks = {
         "dit": (check_dit_file, dit),
         "text_encoder": (check_text_encoder_file, text_encoder),
@@ -56,7 +56,7 @@ def check_model_files(
         try:
             results[key] = check(path)
         except ModelFileError as err:
-            problems.append(str(err))
+            problems.append(err)
     if problems:
         raise combined(problems, "model files are bad")
     check_models_fit(

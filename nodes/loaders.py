@@ -51,10 +51,11 @@ class AAADiTLoader:
         }
 
     def load(self, dit_name: str, weight_dtype: str):
-        path = model_files.resolve("dit", dit_name)
         load_device, offload_device = bridge.model_devices(bridge.DIT)
         weight, compute = bridge.dit_dtypes(weight_dtype, load_device)
-        dit = load_dit(path, dtype=weight, device=offload_device, operations=bridge.dit_operations(), model_class=ComfyAAADiT)
+        with model_files.naming_widget("dit_name", dit_name):
+            path = model_files.resolve("dit", dit_name)
+            dit = load_dit(path, dtype=weight, device=offload_device, operations=bridge.dit_operations(), model_class=ComfyAAADiT)
         return (native_model(dit, weight, compute, path),)
 
 
@@ -81,10 +82,11 @@ class AAATextEncoderLoader:
     def load(self, text_encoder_name: str, weight_dtype: str):
         from ..aaa_core.text_encoder import load_text_encoder  # imports transformers: only when a node runs
 
-        path = model_files.resolve("text_encoder", text_encoder_name)
         load_device, offload_device = bridge.model_devices(bridge.TEXT_ENCODER)
         dtype = bridge.text_encoder_dtype(weight_dtype, load_device)
-        encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
+        with model_files.naming_widget("text_encoder_name", text_encoder_name):
+            path = model_files.resolve("text_encoder", text_encoder_name)
+            encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
         return (bridge.ManagedModel(encoder, encoder.model, bridge.TEXT_ENCODER, dtype, dtype, path),)
 
 
@@ -106,8 +108,9 @@ class AAAVAELoader:
         }
 
     def load(self, vae_name: str, weight_dtype: str):
-        path = model_files.resolve("vae", vae_name)
         load_device, offload_device = bridge.model_devices(bridge.VAE)
         dtype = bridge.vae_dtype(weight_dtype, load_device)
-        vae = load_vae(path, dtype=dtype, device=offload_device)
+        with model_files.naming_widget("vae_name", vae_name):
+            path = model_files.resolve("vae", vae_name)
+            vae = load_vae(path, dtype=dtype, device=offload_device)
         return (bridge.ManagedModel(vae, vae, bridge.VAE, dtype, dtype, path),)

@@ -8,12 +8,14 @@ download runs in a worker thread while this thread ticks a progress bar (bytes) 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..aaa_core import downloads
-from ..aaa_core.errors import ModelFileError
+from ..aaa_core.errors import AAAError, ModelFileError
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,20 @@ def choices(kind: str) -> list[str]:
     files = bridge.list_model_files(FOLDERS[kind])
     official = downloads.SOURCES[kind].local_name
     return files if official in files else [*files, official]
+
+
+@contextlib.contextmanager
+def naming_widget(widget: str, value: str) -> Iterator[None]:
+    """Errors from resolving and loading a file name the loader widget to change, not only the file.
+
+    ComfyUI shows the failing node's name beside the message; the widget and its value complete
+    "what to change", which the library raising the error cannot know.
+    """
+    try:
+        yield
+    except AAAError as err:
+        err.args = (f"{widget} '{value}': {err}",)
+        raise
 
 
 def resolve(kind: str, name: str) -> Path:

@@ -278,3 +278,23 @@ def test_the_last_seed_wraps_to_zero_as_in_the_node(models, tmp_path, capsys):
         diff = np.abs(np.array(last, dtype=int) - np.array(zero, dtype=int))
         assert diff.max() <= 1  # image 1 of the batch is seed 0 (up to batched-matmul rounding)
         assert "seed: 0," in last.text["parameters"]  # and its PNG says so
+
+
+# --------------------------------------------------------------------------------------
+# Missing model files: the library's message plus the CLI's own way out
+# --------------------------------------------------------------------------------------
+
+def test_offline_missing_files_end_with_the_flags_that_pass_them(models, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'modelscope.cn'")
+
+    # importlib: the modelscope.hub package re-exports a function of the same name as the module.
+    monkeypatch.setattr(importlib.import_module("modelscope.hub.snapshot_download"), "snapshot_download", offline)
+    args = ["--prompt", "x", "--vae", str(models["vae"]), "--model-dir", str(tmp_path / "models"), "--output", str(tmp_path / "o.png")]
+    code, err = run(args, capsys)
+    assert_one_line_error(code, err, "2 model files are missing or bad: (1) Qwen3-0.6B text encoder not found at",
+                          "(2) AAADiT not found at")
+    assert err.rstrip().endswith("; or pass a local file with --text-encoder / --dit"), err
+    assert "explicitly" not in err

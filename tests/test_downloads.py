@@ -114,6 +114,8 @@ def test_all_missing_files_are_named_in_one_error_after_one_failed_download(tmp_
     assert "failed (Failed to resolve 'modelscope.cn')" in message
     assert f"(2) AAADiT not found at {tmp_path / 'models' / 'aaa_dit_step-600000.safetensors'} (not downloaded)" in message
     assert "'step-600000.safetensors' from https://modelscope.cn/models/DiffSynth-Studio/AAAMyModel/files" in message
+    assert err.value.settings == ("text_encoder", "dit")  # what to change, for each front end to name its own way
+    assert " --" not in message and "explicitly" not in message
 
 
 def test_unwritable_model_folder_is_named_before_any_download():

@@ -113,8 +113,10 @@ def test_offline_download_error_names_the_file_the_folder_and_the_url(tmp_path, 
     with pytest.raises(errors.ModelFileError) as excinfo:
         node("AAADiTLoader")("aaa_dit_step-600000.safetensors", "auto")
     message = one_line_error(excinfo)
+    assert message.startswith("dit_name 'aaa_dit_step-600000.safetensors': ")  # the widget to change
     assert str(tmp_path / "aaa_dit_step-600000.safetensors") in message
     assert "'step-600000.safetensors' from https://modelscope.cn/models/DiffSynth-Studio/AAAMyModel/files" in message
+    assert " --" not in message and "explicitly" not in message  # no advice meant for the command line
     assert list(tmp_path.iterdir()) == []
 
 

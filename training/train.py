@@ -45,7 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from aaa_core import downloads
 from aaa_core.checkpoint import atomic_output
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
-from aaa_core.errors import AAAError, InputError
+from aaa_core.errors import AAAError, InputError, ways_out
 from aaa_core.scheduler import TrainingSchedule
 from aaa_core.vae import load_vae
 
@@ -63,6 +63,8 @@ from .run_folder import claim_output_dir, folder_run_id
 from .samples import render_grid, write_prompt_list
 
 log = logging.getLogger("training")
+# The option that passes each model file (downloads.SOURCES keys), for the way out of a missing or bad download.
+MODEL_OPTIONS = {"dit": "--init-from", "vae": "--vae", "text_encoder": "--text-encoder"}
 
 # Options that change the numbers a resumed run computes; a change is allowed but warned about.
 RESUME_SENSITIVE = (
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_config(argv))
     except AAAError as err:
-        log.error("%s", err)
+        log.error("%s%s", err, ways_out(err, MODEL_OPTIONS))
         return 1
     except KeyboardInterrupt:
         log.error("interrupted without saving; the newest saved state is in OUTPUT_DIR/states")
