@@ -33,6 +33,12 @@ class ComfyAAADiT(AAADiT):
         """
         if context is None:
             raise InputError("AAADiT got no prompt embedding; connect AAA Text Encode conditioning")
+        if x.ndim != 4 or x.shape[1] != self.config.latent_channels:
+            # Any native sampler can hand us any LATENT: name the mismatch here, not as a shape error deep inside.
+            raise InputError(
+                f"latent_image holds {tuple(x.shape)}, but this AAADiT takes (batch, {self.config.latent_channels}, H/16, W/16) "
+                "FLUX.2 latents; make them with AAA Empty Latent Image or AAA VAE Encode"
+            )
         return super().forward(x, context, timesteps.to(x.dtype))
 
     def velocity(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,11 @@ def test_network_takes_comfyuis_argument_order_and_rounds_the_timestep_like_the_
     with pytest.raises(errors.InputError) as excinfo:
         dit(latents, timestep)
     assert "AAADiT got no prompt embedding" in one_line_error(excinfo)
+    with pytest.raises(errors.InputError) as excinfo:  # e.g. an SD latent from a native Empty Latent Image
+        dit(torch.randn(1, 4, 8, 8), timestep, context=embeds)
+    assert one_line_error(excinfo).startswith(
+        "latent_image holds (1, 4, 8, 8), but this AAADiT takes (batch, 128, H/16, W/16) FLUX.2 latents"
+    )
 
 
 def test_flux2_sigmas_node_gives_aaa_samplers_schedule_ending_at_zero() -> None:
