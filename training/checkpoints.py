@@ -44,6 +44,11 @@ PROGRESS_FILE = "progress.json"  # written last: a state folder without it is no
 # longer read; 2: safetensors only, with the run id.
 STATE_FORMAT = 2
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Options that change the numbers a resumed run computes; a change is allowed but warned about.
+RESUME_SENSITIVE = (
+    "resolution", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps", "seed",
+)
 
 
 def save_weights(
@@ -251,6 +256,20 @@ def load_state(
     else:
         log.warning("%s has no RNG state for process %d (was it saved with fewer processes?)", state, rank)
     return progress
+
+
+def warn_on_changes(progress: dict, cfg: Any, fingerprint: str, world: int, state: Path) -> None:
+    """Warns about each option, the data or the process count that differs from when ``state`` was saved."""
+    saved = progress.get("config", {})
+    for name in RESUME_SENSITIVE:
+        if name in saved and saved[name] != getattr(cfg, name):
+            log.warning("%s changed since %s was saved (%r -> %r): the run will differ from an uninterrupted one",
+                        name, state, saved[name], getattr(cfg, name))
+    if progress.get("data_fingerprint") != fingerprint:
+        log.warning("the training data changed since %s was saved: the data order differs from an uninterrupted run", state)
+    if progress.get("world_size", world) != world:
+        log.warning("%s was saved with %d processes, now %d: batches and noise differ from an uninterrupted run",
+                    state, progress["world_size"], world)
 
 
 def _load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:

@@ -52,7 +52,8 @@ from aaa_core.vae import load_vae
 from .batches import BatchOrder
 from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, encoder_dtype_for
 from .checkpoints import (
-    SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, write_text_atomic,
+    SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
+    write_text_atomic,
 )
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
@@ -63,13 +64,6 @@ from .run_folder import claim_output_dir, folder_run_id
 from .samples import render_grid, write_prompt_list
 
 log = logging.getLogger("training")
-
-# Options that change the numbers a resumed run computes; a change is allowed but warned about.
-RESUME_SENSITIVE = (
-    "resolution", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps", "seed",
-)
-
 
 @dataclasses.dataclass
 class TrainSummary:
@@ -186,7 +180,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         if state is not None:
             progress = load_state(state, unwrapped, ema, optimizer, lr_scheduler, rank)
             step = progress["step"]
-            _warn_on_changes(progress, cfg, data.fingerprint, world, state)
+            warn_on_changes(progress, cfg, data.fingerprint, world, state)
             log.info("resumed from %s at step %d", state, step)
 
         # ------------------------------------------------------------ loop
@@ -349,19 +343,6 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
-
-
-def _warn_on_changes(progress: dict, cfg: TrainConfig, fingerprint: str, world: int, state: Path) -> None:
-    saved = progress.get("config", {})
-    for name in RESUME_SENSITIVE:
-        if name in saved and saved[name] != getattr(cfg, name):
-            log.warning("%s changed since %s was saved (%r -> %r): the run will differ from an uninterrupted one",
-                        name, state, saved[name], getattr(cfg, name))
-    if progress.get("data_fingerprint") != fingerprint:
-        log.warning("the training data changed since %s was saved: the data order differs from an uninterrupted run", state)
-    if progress.get("world_size", world) != world:
-        log.warning("%s was saved with %d processes, now %d: batches and noise differ from an uninterrupted run",
-                    state, progress["world_size"], world)
 
 
 def _log_to_file(path: Path, is_main: bool) -> logging.Handler | None:
