@@ -48,7 +48,7 @@ SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 RESUME_SENSITIVE = (
     "resolution", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps", "seed",
-)
+)  # the LoRA options must not change at all (lora.check_state_kind)
 
 
 def save_weights(
@@ -303,6 +303,9 @@ def _restore(apply: Callable[[Any], Any], tree: Any, path: Path, what: str) -> N
 def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str = "bf16") -> Path:
     """Writes a state's raw or EMA weights as a ComfyUI-loadable file."""
     progress = read_progress(state)
+    if progress.get("lora"):
+        raise InputError(f"{state}: is a LoRA run's state; its LoRA files are in OUTPUT_DIR/checkpoints, and "
+                         "python -m training.export LORA.safetensors OUT.safetensors --base BASE merges one into a checkpoint")
     source = state / ("ema.safetensors" if weights == "ema" else "model.safetensors")
     if not source.is_file():
         raise InputError(f"{state}: has no {weights} weights ({source.name} missing)")

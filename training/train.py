@@ -18,6 +18,8 @@ Start afresh in a folder that holds another run (deletes its states and checkpoi
     python -m training --config training/configs/pokemon.toml --overwrite
 Fine-tune the published step-600000 instead of starting from random weights:
     python -m training --config training/configs/pokemon.toml --init-from published --lr 2e-5
+Train a LoRA on it instead (base frozen; a few-MB file for ComfyUI's models/loras):
+    python -m training --config training/configs/pokemon.toml --init-from published --lora-rank 16 --lr 1e-4
 
 ``train(config)`` reads top to bottom: set-up, data, model, EMA, optimizer, resume, loop,
 final checkpoint. Every option and its default is in ``config.py``.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -58,6 +61,7 @@ from .checkpoints import (
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
 from .interrupt import StopRequest
+from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, peak_flops, training_flops_per_sample
 from .run_folder import claim_output_dir, folder_run_id
@@ -134,7 +138,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        if state is not None:  # sizes from the state; the weights are loaded below
+        if state is not None and not cfg.lora_rank:  # sizes from the state; the weights are loaded below
             model = AAADiT(state_model_config(state))
         elif cfg.init_from:
             model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
@@ -150,15 +154,17 @@ def train(cfg: TrainConfig) -> TrainSummary:
         model.to(device=device, dtype=compute_dtype)
         num_params = sum(p.numel() for p in model.parameters())
         log.info("AAADiT %s: %.1fM parameters", model.config, num_params / 1e6)
+        lora = LoraRun(model, init_path, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, bool(cfg.sample_every)) if cfg.lora_rank else None
+        trained = lora.adapters if lora else model  # what the optimizer, the EMA and the states hold
 
         # ------------------------------------------------------------ EMA
         # A float32 copy on the device, updated after every optimizer step; it is what the saved
         # .safetensors and the samples use. The raw weights stay in the training state.
-        ema = copy.deepcopy(model).float().eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        ema = copy.deepcopy(trained).float().eval().requires_grad_(False) if cfg.ema_decay > 0 else None
 
         # ------------------------------------------------------------ optimizer
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            trained.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay, fused=use_cuda,
         )
 
@@ -174,11 +180,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 block.compile()
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
+        trained = lora.adapters if lora else unwrapped
 
         # ------------------------------------------------------------ resume
         step = 0
         if state is not None:
-            progress = load_state(state, unwrapped, ema, optimizer, lr_scheduler, rank)
+            check_state_kind(read_progress(state), state, lora.settings if lora else None)
+            progress = load_state(state, trained, ema, optimizer, lr_scheduler, rank)
             step = progress["step"]
             warn_on_changes(progress, cfg, data.fingerprint, world, state)
             log.info("resumed from %s at step %d", state, step)
@@ -201,16 +209,18 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
         def save(step: int) -> tuple[Path | None, Path]:
             checkpoint = None
-            if is_main:
-                weights = (ema if ema is not None else unwrapped).state_dict()
+            weights, kind = (ema, "ema") if ema is not None else (trained, "raw")
+            if is_main and lora:
+                checkpoint = out / "checkpoints" / f"{run_name}-lora-step-{step:06d}.safetensors"
+                lora.save(weights, checkpoint, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
+            elif is_main:
                 checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
-                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema is not None else "raw",
-                             SAVE_DTYPES[cfg.save_dtype], run_id)
+                save_weights(weights.state_dict(), checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
             progress = {
                 "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
-                "data_fingerprint": data.fingerprint, "world_size": world,
+                "data_fingerprint": data.fingerprint, "world_size": world, "lora": lora.settings if lora else None,
             }
-            state_dir = save_state(out / "states", step, unwrapped, ema, optimizer, lr_scheduler, progress,
+            state_dir = save_state(out / "states", step, trained, ema, optimizer, lr_scheduler, progress,
                                    cfg.keep_states, rank, barrier)
             log.info("step %d: saved %s and %s", step, checkpoint or "weights", state_dir)
             return checkpoint, state_dir
@@ -244,7 +254,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    update_ema(ema, unwrapped, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                    update_ema(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 step += 1
                 window_steps += 1
                 bar.update(1)
@@ -277,9 +287,12 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     if is_main:
                         if vae is None:
                             vae = load_vae(vae_path, dtype=encoder_dtype, device=device)
-                        grid = render_grid(ema if ema is not None else unwrapped, vae, prompt_embeds, data.extra_prompts[cfg.negative_prompt],
-                                           cfg.resolution, cfg.sample_steps, cfg.sample_cfg, cfg.sample_seed,
-                                           accelerator.autocast, stop)
+                        render = functools.partial(
+                            render_grid, vae=vae, prompts=prompt_embeds, negative=data.extra_prompts[cfg.negative_prompt],
+                            resolution=cfg.resolution, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.sample_seed,
+                            autocast=accelerator.autocast, should_stop=stop)
+                        sampled = ema if ema is not None else trained
+                        grid = lora.sample_grid(render, sampled) if lora else render(sampled)
                         if grid is not None:
                             with atomic_output(out / "samples" / f"step-{step:06d}.png") as tmp:
                                 grid.save(tmp, format="PNG")
@@ -304,7 +317,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             checkpoint, state_dir = save(step)
         tensorboard.close()
         if is_main and checkpoint is not None:
-            log.info("done: %s (copy it to ComfyUI/models/diffusion_models/ and pick it in the AAADiT loader)", checkpoint)
+            where = "loras/ and apply it with LoraLoaderModelOnly" if lora else "diffusion_models/ and pick it in the AAADiT loader"
+            log.info("done: %s (copy it to ComfyUI/models/%s)", checkpoint, where)
         accelerator.end_training()
         return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped)
     finally:
