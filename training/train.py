@@ -198,7 +198,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         order = BatchOrder(len(data), cfg.batch_size, rank, world, cfg.seed, data.image_index.device)
         samples_per_step = cfg.batch_size * cfg.grad_accum * world
         total_steps = _total_steps(cfg, len(data), samples_per_step)
-        flops_per_step = training_flops_per_sample(unwrapped, latent_h * latent_w, text_tokens) * cfg.batch_size * cfg.grad_accum
+        flops_per_sample = training_flops_per_sample(unwrapped, latent_h * latent_w, text_tokens, frozen=lora is not None)
+        flops_per_step = flops_per_sample * cfg.batch_size * cfg.grad_accum
         peak = peak_flops(device, cfg.peak_flops)
         run_name = out.resolve().name
         tensorboard = TensorBoard(out / "tensorboard", cfg.tensorboard and is_main)
