@@ -86,6 +86,7 @@ def test_lora_training_lowers_the_loss_and_saves_only_adapters(trained, publishe
     assert grid.size == (64 + 2 + 64, 64)
     left, right = np.asarray(grid)[:, :64].astype(int), np.asarray(grid)[:, 66:].astype(int)
     assert np.abs(left - right).mean() > 1  # the LoRA changed the images
+    assert (out / "samples" / "prompts.txt").read_text(encoding="utf-8").startswith("left grid: the base model; right grid")
 
 
 def test_merged_export_gives_the_dit_output_of_base_plus_lora(trained, published, tmp_path, caplog):

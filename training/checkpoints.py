@@ -12,6 +12,9 @@
   code. It is written into a hidden temporary folder that is renamed into place only when
   complete, so a crash or Ctrl-C during a save never leaves a half-written state; the newest
   complete one of this folder's run is what ``--resume`` finds.
+- A LoRA run (``--lora-rank``, ``lora.py``) writes ``checkpoints/<run>-lora-step-NNNNNN.safetensors``
+  instead, and its states hold the adapters alone; ``progress.json`` records the rank, alpha,
+  targets and the base checkpoint's SHA-256, which a resume must match.
 
 ``python -m training.export STATE_DIR OUT.safetensors --weights raw`` turns any state into a
 loadable file (for example the raw weights of an EMA run).

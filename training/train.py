@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         vae = None  # decoder for the samples, loaded at the first sample grid
         if is_main and cfg.sample_every:
             prompt_embeds = torch.stack([data.extra_prompts[p] for p in prompts])
-            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed)
+            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, beside_base=lora is not None)
 
         def save(step: int) -> tuple[Path | None, Path]:
             checkpoint = None
