@@ -9,7 +9,6 @@ test_native_model_in_comfyui.py.
 
 import importlib
 import json
-import logging
 import signal
 
 import numpy as np
@@ -163,9 +162,14 @@ def test_lora_resume_after_ctrl_c_matches_uninterrupted_run(models, dataset, pub
         (["--init-from", save_tiny_dit(tmp_path / "other.safetensors", seed=9)], "was trained with a base checkpoint (--init-from)"),
         (["--lora-rank", 0, "--init-from", ""], "is from a LoRA run (rank 4); resume it with the same --lora-rank"),
     ]:
-        with pytest.raises(InputError, match=None) as excinfo:
+        with pytest.raises(InputError) as excinfo:
             run(models, dataset, tmp_path / "split", *options, "--resume", "--max-steps", 8, *extra, cache=cache)
         assert expected in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+    progress_file = resumed.state / "progress.json"
+    progress_file.write_text(json.dumps({**json.loads(progress_file.read_text(encoding="utf-8")), "lora": 5}), encoding="utf-8")
+    with pytest.raises(InputError, match="progress.json: 'lora' holds 5, expected the LoRA settings or null"):
+        run(models, dataset, tmp_path / "split", *options, "--resume", "--max-steps", 8, cache=cache)
 
 
 def test_bad_lora_options_are_one_line_errors(models, dataset, published, tmp_path, caplog, monkeypatch):  # noqa: F811

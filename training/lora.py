@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -34,6 +33,7 @@ from aaa_core.lora import LoraPair, kohya_stem, linear_weight_shapes, merge_lora
 
 from .cache import file_sha256
 from .samples import side_by_side
+from .state_files import DAMAGED
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,6 @@ class LoraRun:
         log.info("LoRA rank %d, alpha %g on %d layers (%s): %.2fM trainable parameters; base %s frozen",
                  rank, alpha, len(self.adapters), ", ".join(targets), count / 1e6, base_path)
 
-    def check_state(self, progress: dict[str, Any], state: Path) -> None:
-        """A LoRA state resumes only with the same adapters on the same base, or the new adapters would not fit it."""
-        check_state_kind(progress, state, self.settings)
-
     def sample_grid(self, render: Callable[[nn.Module], Image.Image | None], adapters: LoraAdapters) -> Image.Image | None:
         """The base model's grid beside the adapted one's (base left), same prompts and seeds; None if stopped.
 
@@ -155,17 +151,24 @@ class LoraRun:
 
 
 def check_state_kind(progress: dict[str, Any], state: Path, settings: dict[str, Any] | None) -> None:
-    """Refuses a LoRA state for a full run, a full state for a LoRA run, and LoRA states with other adapters or base."""
+    """Refuses a LoRA state for a full run, a full state for a LoRA run, and LoRA states with other adapters or base.
+
+    Adapters trained on another base, or of another shape, cannot continue: the error says which setting differs.
+    """
     saved = progress.get("lora")
-    if saved == settings:
+    if saved is not None and not isinstance(saved, dict):
+        raise InputError(f"{state / 'progress.json'}: 'lora' holds {saved!r}, expected the LoRA settings or null; {DAMAGED}")
+    if settings is None and saved is None:
         return
     if settings is None:
-        raise InputError(f"state {state} is from a LoRA run (rank {saved['rank']}); resume it with the same --lora-rank, "
+        raise InputError(f"state {state} is from a LoRA run (rank {saved.get('rank')}); resume it with the same --lora-rank, "
                          f"--lora-alpha, --lora-targets and --init-from")
     if saved is None:
         raise InputError(f"state {state} is from full training; resume it without --lora-rank, or start the LoRA run "
                          "in another --output-dir")
-    changed = next(key for key in settings if saved.get(key) != settings[key])
+    changed = next((key for key in settings if saved.get(key) != settings[key]), None)
+    if changed is None:
+        return
     what = "a base checkpoint (--init-from) of SHA-256" if changed == "base_sha256" else f"LoRA {changed}"
     raise InputError(f"state {state} was trained with {what} {saved.get(changed)!r}, this run has {settings[changed]!r}; "
                      "resume with the same settings, or start afresh in another --output-dir")
