@@ -42,6 +42,11 @@ class LoraPair:
         return self.scale * (self.up.float() @ self.down.float())
 
 
+def kohya_stem(name: str) -> str:
+    """The kohya key stem of a module: ``blocks.0.to_q`` -> ``lora_unet_blocks_0_to_q``."""
+    return KOHYA_PREFIX + name.replace(".", "_")
+
+
 def read_lora(lora: Mapping[str, torch.Tensor], weight_shapes: Mapping[str, torch.Size], source: "str | os.PathLike[str]") -> dict[str, LoraPair]:
     """AAADiT module name (``blocks.0.to_q``) -> its update, from a LoRA in any layout above.
 
@@ -49,7 +54,7 @@ def read_lora(lora: Mapping[str, torch.Tensor], weight_shapes: Mapping[str, torc
     belong to a layer of this model and every pair must fit its layer, else a one-line
     ``ModelFileError`` names the file and the first key that does not.
     """
-    kohya_names = {KOHYA_PREFIX + name.replace(".", "_"): name for name in weight_shapes}
+    kohya_names = {kohya_stem(name): name for name in weight_shapes}
     pairs: dict[str, LoraPair] = {}
     used: set[str] = set()
     for key in lora:
@@ -94,7 +99,7 @@ def to_kohya(pairs: Mapping[str, LoraPair]) -> dict[str, torch.Tensor]:
     """The same updates under kohya keys, the layout every ComfyUI release reads."""
     out: dict[str, torch.Tensor] = {}
     for name, pair in pairs.items():
-        key = KOHYA_PREFIX + name.replace(".", "_")
+        key = kohya_stem(name)
         out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = pair.down, pair.up
         if pair.alpha is not None:
             out[f"{key}.alpha"] = torch.tensor(pair.alpha)

@@ -8,6 +8,8 @@ on tiny models. Latents come back through the built-in SaveLatent node and are c
 - LoraLoaderModelOnly with a kohya LoRA (and a PEFT one with the ``diffusion_model.`` prefix where
   ComfyUI reads that layout), and AAA LoRA Loader with an unprefixed PEFT one, sample exactly like
   a DiT file holding W + strength * scale * B @ A merged by hand, in KSampler and in AAA Sampler;
+- LoraLoaderModelOnly with a LoRA file as the trainer saves it samples exactly like the checkpoint
+  ``python -m training.export`` merges from it;
 - every sampler and scheduler name ComfyUI lists runs 2 steps and gives finite latents.
 """
 
@@ -26,7 +28,9 @@ from pack_import import pack_module
 from tiny_models import TINY_DIT, save_tiny_models
 
 from aaa_core.checkpoint import save_safetensors
-from aaa_core.dit import CONFIG_METADATA_KEY
+from aaa_core.dit import CONFIG_METADATA_KEY, load_dit
+from training.export import export_lora
+from training.lora import LoraRun
 
 ROOT = Path(__file__).resolve().parents[1]
 API_WORKFLOWS = ROOT / "workflows" / "api"
@@ -76,6 +80,18 @@ def save_merged_dit(base: Path, path: Path, factors: dict, scale: float) -> None
     for name, (down, up) in factors.items():
         state[f"{name}.weight"] = state[f"{name}.weight"] + LORA_STRENGTH * scale * (up @ down)
     save_safetensors(state, path, {CONFIG_METADATA_KEY: TINY_DIT.to_json()})
+
+
+def save_trained_lora(base: Path, lora_path: Path, merged_path: Path) -> None:
+    """A LoRA file as the trainer saves it (random adapters in place of trained ones), and its merge by the export."""
+    torch.manual_seed(2)
+    targets = ["to_q", "to_k", "to_v", "to_out", "ff.0", "ff.2", "proj_out"]
+    lora = LoraRun(load_dit(base), base, LORA_RANK, LORA_ALPHA, targets, keep_base=False)
+    with torch.no_grad():
+        for param in lora.adapters.parameters():
+            param.normal_(0.0, 0.3)
+    lora.save(lora.adapters, lora_path, 1, "raw", torch.float32, "comfyui-test")
+    export_lora(lora_path, merged_path, str(base), strength=1.0, dtype="fp32")
 
 
 # --------------------------------------------------------------------------------------
@@ -179,11 +195,11 @@ def flux2_scheduler_vs_ours() -> dict:
     return prompt
 
 
-def lora_prompt(lora_name: str, merged_name: str, tag: str, loader: str = "LoraLoaderModelOnly") -> dict:
-    """KSampler and AAA Sampler on (base + LoRA via `loader`) and on the hand-merged DiT file."""
+def lora_prompt(lora_name: str, merged_name: str, tag: str, loader: str = "LoraLoaderModelOnly", strength: float = LORA_STRENGTH) -> dict:
+    """KSampler and AAA Sampler on (base + LoRA via `loader`) and on the merged DiT file."""
     prompt = base_prompt()
     model = links(prompt)["model"]
-    prompt["lora"] = {"class_type": loader, "inputs": {"model": model, "lora_name": lora_name, "strength_model": LORA_STRENGTH}}
+    prompt["lora"] = {"class_type": loader, "inputs": {"model": model, "lora_name": lora_name, "strength_model": strength}}
     prompt["merged"] = {"class_type": "AAADiTLoader", "inputs": {"dit_name": merged_name, "weight_dtype": "fp32"}}
     save_latent(prompt, add_ksampler(prompt, "k_lora", ["lora", 0]), f"{tag}_k_lora")
     save_latent(prompt, add_ksampler(prompt, "k_merged", ["merged", 0]), f"{tag}_k_merged")
@@ -237,6 +253,7 @@ PROMPTS = {
     "lora_kohya": lora_prompt("aaa_lora_kohya.safetensors", "aaa_tiny_merged_kohya.safetensors", "kohya"),
     "lora_peft": lora_prompt("aaa_lora_peft.safetensors", "aaa_tiny_merged_peft.safetensors", "peft"),
     "lora_peft_bare": lora_prompt("aaa_lora_peft_bare.safetensors", "aaa_tiny_merged_peft.safetensors", "peft_bare", "AAALoraLoader"),
+    "lora_trained": lora_prompt("aaa_lora_trained.safetensors", "aaa_tiny_merged_trained.safetensors", "trained", strength=1.0),
     "native_patch_nodes": native_patch_nodes(),
     "shift_override": shift_override(),
 }
@@ -259,6 +276,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     save_peft_lora(loras / "aaa_lora_peft.safetensors", factors, "diffusion_model.")
     save_peft_lora(loras / "aaa_lora_peft_bare.safetensors", factors, "")
     save_merged_dit(paths["dit"], models / "unet" / "aaa_tiny_merged_peft.safetensors", factors, 1.0)  # no alpha: scale 1
+    save_trained_lora(paths["dit"], loras / "aaa_lora_trained.safetensors", models / "unet" / "aaa_tiny_merged_trained.safetensors")
     return run_in_comfyui(
         ROOT, ACTIONS, base / "work", model_paths={name: models / name for name in ("unet", "clip", "vae", "loras")}, timeout=400
     )
@@ -315,9 +333,11 @@ def test_flux2_scheduler_gives_our_sigmas_at_256_and_30_steps(run: dict) -> None
     torch.testing.assert_close(latents(run, outcome, "flux2_30"), latents(run, outcome, "ours30"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft", "peft_bare"])
+@pytest.mark.parametrize("layout", ["kohya", "peft", "peft_bare", "trained"])
 def test_lora_loaders_patch_the_weights_by_hand_formula(run: dict, layout: str) -> None:
-    """LoraLoaderModelOnly for kohya and prefixed PEFT files; AAA LoRA Loader for PEFT without a prefix."""
+    """LoraLoaderModelOnly for kohya, prefixed PEFT and our trainer's files; AAA LoRA Loader for PEFT without a prefix.
+
+    Our trainer's file is compared with the checkpoint ``python -m training.export`` merges from it."""
     outcome = action(run, f"lora_{layout}")
     assert outcome["status"] == "success", outcome["error"]
     base, lora = latents(run, outcome, f"{layout}_k_base"), latents(run, outcome, f"{layout}_k_lora")

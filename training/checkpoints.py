@@ -12,6 +12,9 @@
   code. It is written into a hidden temporary folder that is renamed into place only when
   complete, so a crash or Ctrl-C during a save never leaves a half-written state; the newest
   complete one of this folder's run is what ``--resume`` finds.
+- A LoRA run (``--lora-rank``, ``lora.py``) writes ``checkpoints/<run>-lora-step-NNNNNN.safetensors``
+  instead, and its states hold the adapters alone; ``progress.json`` records the rank, alpha,
+  targets and the base checkpoint's SHA-256, which a resume must match.
 
 ``python -m training.export STATE_DIR OUT.safetensors --weights raw`` turns any state into a
 loadable file (for example the raw weights of an EMA run).
@@ -44,6 +47,11 @@ PROGRESS_FILE = "progress.json"  # written last: a state folder without it is no
 # longer read; 2: safetensors only, with the run id.
 STATE_FORMAT = 2
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Options that change the numbers a resumed run computes; a change is allowed but warned about.
+RESUME_SENSITIVE = (
+    "resolution", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps", "seed",
+)  # the LoRA options must not change at all (lora.check_state_kind)
 
 
 def save_weights(
@@ -253,6 +261,20 @@ def load_state(
     return progress
 
 
+def warn_on_changes(progress: dict, cfg: Any, fingerprint: str, world: int, state: Path) -> None:
+    """Warns about each option, the data or the process count that differs from when ``state`` was saved."""
+    saved = progress.get("config", {})
+    for name in RESUME_SENSITIVE:
+        if name in saved and saved[name] != getattr(cfg, name):
+            log.warning("%s changed since %s was saved (%r -> %r): the run will differ from an uninterrupted one",
+                        name, state, saved[name], getattr(cfg, name))
+    if progress.get("data_fingerprint") != fingerprint:
+        log.warning("the training data changed since %s was saved: the data order differs from an uninterrupted run", state)
+    if progress.get("world_size", world) != world:
+        log.warning("%s was saved with %d processes, now %d: batches and noise differ from an uninterrupted run",
+                    state, progress["world_size"], world)
+
+
 def _load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:
     weights, _ = read_state_tensors(path, device)
     try:
@@ -284,6 +306,9 @@ def _restore(apply: Callable[[Any], Any], tree: Any, path: Path, what: str) -> N
 def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str = "bf16") -> Path:
     """Writes a state's raw or EMA weights as a ComfyUI-loadable file."""
     progress = read_progress(state)
+    if progress.get("lora"):
+        raise InputError(f"{state}: is a LoRA run's state; its LoRA files are in OUTPUT_DIR/checkpoints, and "
+                         "python -m training.export LORA.safetensors OUT.safetensors --base BASE merges one into a checkpoint")
     source = state / ("ema.safetensors" if weights == "ema" else "model.safetensors")
     if not source.is_file():
         raise InputError(f"{state}: has no {weights} weights ({source.name} missing)")

@@ -61,6 +61,12 @@ class TrainConfig:
     num_heads: int = option(32, "attention heads; dim / num_heads is the head size (random init only)", MODEL)
     gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass (less memory, ~30% slower)", MODEL)
     compile: bool = option(False, "torch.compile each DiT block (faster on GPU after a minute of compiling)", MODEL)
+    lora_rank: int = option(0, "train a LoRA of this rank on the frozen --init-from checkpoint instead of all weights "
+                            "(0 = full training); saves checkpoints/<run>-lora-step-N.safetensors for models/loras", MODEL)
+    lora_alpha: float = option(0.0, "LoRA alpha; the update is scaled by alpha / rank (0: alpha = rank, scale 1)", MODEL)
+    lora_targets: list = option(["to_q", "to_k", "to_v", "to_out", "ff.0", "ff.2"], "linear layers that get adapters: "
+                                "the end of a module name (to_q: every block's) or a full name (blocks.0.to_q, proj_out)",
+                                MODEL, nargs="+", metavar="LAYER")
 
     # --- optimisation ---------------------------------------------------------------------
     batch_size: int = option(32, "samples per step on each process (the reference: 1)", OPTIM)
@@ -123,6 +129,9 @@ class TrainConfig:
             (not (self.overwrite and self.resume), "--overwrite deletes the states --resume would continue from: pass one of them"),
             (self.encoder_dtype in ("auto", "bf16", "fp32"), f"encoder_dtype {self.encoder_dtype!r}: use auto, bf16 or fp32"),
             (self.precision in PRECISIONS, f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"),
+            (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must not be negative"),
+            (not self.lora_rank or self.init_from != "", "--lora-rank trains adapters on a base model: pass --init-from published or FILE"),
+            (not self.lora_rank or self.lora_targets != [], "--lora-rank needs at least one layer in --lora-targets"),
             (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
             (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),

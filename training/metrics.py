@@ -47,12 +47,13 @@ def peak_flops(device: torch.device, override: float = 0.0) -> float | None:
     return None
 
 
-def training_flops_per_sample(model: torch.nn.Module, image_tokens: int, text_tokens: int) -> float:
+def training_flops_per_sample(model: torch.nn.Module, image_tokens: int, text_tokens: int, frozen: bool = False) -> float:
     """Forward + backward matmul FLOPs for one sample: 3 x forward (nanoGPT / PaLM convention).
 
-    Gradient-checkpointing recomputation is not counted, as usual for MFU.
+    With ``frozen`` weights (LoRA training) the backward computes no weight gradients: 2 x forward
+    (the small adapters are not counted). Gradient-checkpointing recomputation is not counted, as usual for MFU.
     """
-    return 3 * model.flops_per_forward(image_tokens, text_tokens)
+    return (2 if frozen else 3) * model.flops_per_forward(image_tokens, text_tokens)
 
 
 class TensorBoard:

@@ -83,8 +83,18 @@ def tile(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def write_prompt_list(path: Path, prompts: list[str], seed: int) -> None:
-    """``samples/prompts.txt``: which prompt and seed each grid cell shows."""
-    lines = [f"cell {i} (seed {seed + i}): {prompt}" for i, prompt in enumerate(prompts)]
+def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Two grids of the same size next to each other, with a white gap between them."""
+    gap = max(2, left.width // 64)
+    both = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
+    both.paste(left, (0, 0))
+    both.paste(right, (left.width + gap, 0))
+    return both
+
+
+def write_prompt_list(path: Path, prompts: list[str], seed: int, beside_base: bool = False) -> None:
+    """``samples/prompts.txt``: which prompt and seed each grid cell shows (and, for a LoRA, which half is which)."""
+    lines = ["left grid: the base model; right grid: the base with the LoRA (same cells)"] if beside_base else []
+    lines += [f"cell {i} (seed {seed + i}): {prompt}" for i, prompt in enumerate(prompts)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

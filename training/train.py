@@ -18,6 +18,8 @@ Start afresh in a folder that holds another run (deletes its states and checkpoi
     python -m training --config training/configs/pokemon.toml --overwrite
 Fine-tune the published step-600000 instead of starting from random weights:
     python -m training --config training/configs/pokemon.toml --init-from published --lr 2e-5
+Train a LoRA on it instead (base frozen; a few-MB file for ComfyUI's models/loras):
+    python -m training --config training/configs/pokemon.toml --init-from published --lora-rank 16 --lr 1e-4
 
 ``train(config)`` reads top to bottom: set-up, data, model, EMA, optimizer, resume, loop,
 final checkpoint. Every option and its default is in ``config.py``.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -52,11 +55,13 @@ from aaa_core.vae import load_vae
 from .batches import BatchOrder
 from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, encoder_dtype_for
 from .checkpoints import (
-    SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, write_text_atomic,
+    SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
+    write_text_atomic,
 )
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
 from .interrupt import StopRequest
+from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, peak_flops, training_flops_per_sample
 from .run_folder import claim_output_dir, folder_run_id
@@ -65,13 +70,6 @@ from .samples import render_grid, write_prompt_list
 log = logging.getLogger("training")
 # The option that passes each model file (downloads.SOURCES keys), for the way out of a missing or bad download.
 MODEL_OPTIONS = {"dit": "--init-from", "vae": "--vae", "text_encoder": "--text-encoder"}
-
-# Options that change the numbers a resumed run computes; a change is allowed but warned about.
-RESUME_SENSITIVE = (
-    "resolution", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps", "seed",
-)
-
 
 @dataclasses.dataclass
 class TrainSummary:
@@ -142,7 +140,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        if state is not None:  # sizes from the state; the weights are loaded below
+        if state is not None and not cfg.lora_rank:  # sizes from the state; the weights are loaded below
             model = AAADiT(state_model_config(state))
         elif cfg.init_from:
             model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
@@ -158,15 +156,17 @@ def train(cfg: TrainConfig) -> TrainSummary:
         model.to(device=device, dtype=compute_dtype)
         num_params = sum(p.numel() for p in model.parameters())
         log.info("AAADiT %s: %.1fM parameters", model.config, num_params / 1e6)
+        lora = LoraRun(model, init_path, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, bool(cfg.sample_every)) if cfg.lora_rank else None
+        trained = lora.adapters if lora else model  # what the optimizer, the EMA and the states hold
 
         # ------------------------------------------------------------ EMA
         # A float32 copy on the device, updated after every optimizer step; it is what the saved
         # .safetensors and the samples use. The raw weights stay in the training state.
-        ema = copy.deepcopy(model).float().eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        ema = copy.deepcopy(trained).float().eval().requires_grad_(False) if cfg.ema_decay > 0 else None
 
         # ------------------------------------------------------------ optimizer
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            trained.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay, fused=use_cuda,
         )
 
@@ -182,13 +182,15 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 block.compile()
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
+        trained = lora.adapters if lora else unwrapped
 
         # ------------------------------------------------------------ resume
         step = 0
         if state is not None:
-            progress = load_state(state, unwrapped, ema, optimizer, lr_scheduler, rank)
+            check_state_kind(read_progress(state), state, lora.settings if lora else None)
+            progress = load_state(state, trained, ema, optimizer, lr_scheduler, rank)
             step = progress["step"]
-            _warn_on_changes(progress, cfg, data.fingerprint, world, state)
+            warn_on_changes(progress, cfg, data.fingerprint, world, state)
             log.info("resumed from %s at step %d", state, step)
 
         # ------------------------------------------------------------ loop
@@ -198,27 +200,30 @@ def train(cfg: TrainConfig) -> TrainSummary:
         order = BatchOrder(len(data), cfg.batch_size, rank, world, cfg.seed, data.image_index.device)
         samples_per_step = cfg.batch_size * cfg.grad_accum * world
         total_steps = _total_steps(cfg, len(data), samples_per_step)
-        flops_per_step = training_flops_per_sample(unwrapped, latent_h * latent_w, text_tokens) * cfg.batch_size * cfg.grad_accum
+        flops_per_sample = training_flops_per_sample(unwrapped, latent_h * latent_w, text_tokens, frozen=lora is not None)
+        flops_per_step = flops_per_sample * cfg.batch_size * cfg.grad_accum
         peak = peak_flops(device, cfg.peak_flops)
         run_name = out.resolve().name
         tensorboard = TensorBoard(out / "tensorboard", cfg.tensorboard and is_main)
         vae = None  # decoder for the samples, loaded at the first sample grid
         if is_main and cfg.sample_every:
             prompt_embeds = torch.stack([data.extra_prompts[p] for p in prompts])
-            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed)
+            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, beside_base=lora is not None)
 
         def save(step: int) -> tuple[Path | None, Path]:
             checkpoint = None
-            if is_main:
-                weights = (ema if ema is not None else unwrapped).state_dict()
+            weights, kind = (ema, "ema") if ema is not None else (trained, "raw")
+            if is_main and lora:
+                checkpoint = out / "checkpoints" / f"{run_name}-lora-step-{step:06d}.safetensors"
+                lora.save(weights, checkpoint, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
+            elif is_main:
                 checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
-                save_weights(weights, checkpoint, unwrapped.config, step, "ema" if ema is not None else "raw",
-                             SAVE_DTYPES[cfg.save_dtype], run_id)
+                save_weights(weights.state_dict(), checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
             progress = {
                 "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
-                "data_fingerprint": data.fingerprint, "world_size": world,
+                "data_fingerprint": data.fingerprint, "world_size": world, "lora": lora.settings if lora else None,
             }
-            state_dir = save_state(out / "states", step, unwrapped, ema, optimizer, lr_scheduler, progress,
+            state_dir = save_state(out / "states", step, trained, ema, optimizer, lr_scheduler, progress,
                                    cfg.keep_states, rank, barrier)
             log.info("step %d: saved %s and %s", step, checkpoint or "weights", state_dir)
             return checkpoint, state_dir
@@ -252,7 +257,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    update_ema(ema, unwrapped, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                    update_ema(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 step += 1
                 window_steps += 1
                 bar.update(1)
@@ -285,9 +290,12 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     if is_main:
                         if vae is None:
                             vae = load_vae(vae_path, dtype=encoder_dtype, device=device)
-                        grid = render_grid(ema if ema is not None else unwrapped, vae, prompt_embeds, data.extra_prompts[cfg.negative_prompt],
-                                           cfg.resolution, cfg.sample_steps, cfg.sample_cfg, cfg.sample_seed,
-                                           accelerator.autocast, stop)
+                        render = functools.partial(
+                            render_grid, vae=vae, prompts=prompt_embeds, negative=data.extra_prompts[cfg.negative_prompt],
+                            resolution=cfg.resolution, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.sample_seed,
+                            autocast=accelerator.autocast, should_stop=stop)
+                        sampled = ema if ema is not None else trained
+                        grid = lora.sample_grid(render, sampled) if lora else render(sampled)
                         if grid is not None:
                             with atomic_output(out / "samples" / f"step-{step:06d}.png") as tmp:
                                 grid.save(tmp, format="PNG")
@@ -312,7 +320,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             checkpoint, state_dir = save(step)
         tensorboard.close()
         if is_main and checkpoint is not None:
-            log.info("done: %s (copy it to ComfyUI/models/diffusion_models/ and pick it in the AAADiT loader)", checkpoint)
+            where = "loras/ and apply it with LoraLoaderModelOnly" if lora else "diffusion_models/ and pick it in the AAADiT loader"
+            log.info("done: %s (copy it to ComfyUI/models/%s)", checkpoint, where)
         accelerator.end_training()
         return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped)
     finally:
@@ -351,19 +360,6 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
-
-
-def _warn_on_changes(progress: dict, cfg: TrainConfig, fingerprint: str, world: int, state: Path) -> None:
-    saved = progress.get("config", {})
-    for name in RESUME_SENSITIVE:
-        if name in saved and saved[name] != getattr(cfg, name):
-            log.warning("%s changed since %s was saved (%r -> %r): the run will differ from an uninterrupted one",
-                        name, state, saved[name], getattr(cfg, name))
-    if progress.get("data_fingerprint") != fingerprint:
-        log.warning("the training data changed since %s was saved: the data order differs from an uninterrupted run", state)
-    if progress.get("world_size", world) != world:
-        log.warning("%s was saved with %d processes, now %d: batches and noise differ from an uninterrupted run",
-                    state, progress["world_size"], world)
 
 
 def _log_to_file(path: Path, is_main: bool) -> logging.Handler | None:
