@@ -9,20 +9,18 @@ test_native_model_in_comfyui.py.
 
 import importlib
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import training.train
 from aaa_core import downloads
 from aaa_core.checkpoint import read_safetensors
 from aaa_core.dit import load_dit
 from aaa_core.errors import InputError
 from test_dit import reference_key_shapes
-from test_training import argv, dataset, models, run  # noqa: F401 (fixtures)
+from test_training import argv, dataset, models, run, run_interrupted  # noqa: F401 (fixtures)
 from tiny_models import TINY_DIT, save_tiny_dit
 from training import export
 from training.cache import file_sha256
@@ -131,18 +129,7 @@ def test_lora_resume_after_ctrl_c_matches_uninterrupted_run(models, dataset, pub
     cache = tmp_path / "cache"
     full = run(models, dataset, tmp_path / "full", *options, cache=cache)
 
-    calls = {"n": 0}
-    real_loss = training.train.flow_matching_loss
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training.train, "flow_matching_loss", loss_then_ctrl_c)
-    interrupted = run(models, dataset, tmp_path / "split", *options, cache=cache)
-    monkeypatch.setattr(training.train, "flow_matching_loss", real_loss)
+    interrupted = run_interrupted(monkeypatch, models, dataset, tmp_path / "split", *options, cache=cache, at_loss_call=3)
     assert interrupted.stopped and interrupted.step == 3
 
     resumed = run(models, dataset, tmp_path / "split", *options, "--resume", cache=cache)

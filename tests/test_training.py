@@ -86,6 +86,24 @@ def run(*args, **kwargs):
     return train(parse_config(argv(*args, **kwargs)))
 
 
+def run_interrupted(monkeypatch, *args, at_loss_call: int, **kwargs):
+    """``run`` that gets a real Ctrl-C (SIGINT) during its ``at_loss_call``-th loss computation."""
+    calls = {"n": 0}
+    real_loss = training.train.flow_matching_loss
+
+    def loss_then_ctrl_c(*loss_args, **loss_kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_loss_call:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*loss_args, **loss_kwargs)
+
+    monkeypatch.setattr(training.train, "flow_matching_loss", loss_then_ctrl_c)
+    try:
+        return run(*args, **kwargs)
+    finally:
+        monkeypatch.setattr(training.train, "flow_matching_loss", real_loss)
+
+
 # --------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------
@@ -173,18 +191,8 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(models, dataset, tmp_path
     cache = tmp_path / "cache"
     full = run(models, dataset, tmp_path / "full", *options, cache=cache)
 
-    calls = {"n": 0}
-    real_loss = training.train.flow_matching_loss
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:  # first micro-batch of step 5 (2 per step)
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training.train, "flow_matching_loss", loss_then_ctrl_c)
-    interrupted = run(models, dataset, tmp_path / "split", *options, cache=cache)
-    monkeypatch.setattr(training.train, "flow_matching_loss", real_loss)
+    # Call 9 is the first micro-batch of step 5 (2 per step).
+    interrupted = run_interrupted(monkeypatch, models, dataset, tmp_path / "split", *options, cache=cache, at_loss_call=9)
     assert interrupted.stopped and interrupted.step == 5
     assert interrupted.state.name == "step-000005" and interrupted.checkpoint.name == "split-step-000005.safetensors"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
