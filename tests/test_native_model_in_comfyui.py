@@ -16,13 +16,13 @@ on tiny models. Latents come back through the built-in SaveLatent node and are c
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from api_workflows import HEIGHT, STEPS, TINY_FILES, WIDTH, load_workflow
 from comfyui_harness import comfyui_test_marks, execute, execute_each_choice, run_in_comfyui
 from pack_import import pack_module
 from tiny_models import TINY_DIT, save_tiny_models
@@ -33,12 +33,9 @@ from training.export import export_lora
 from training.lora import LoraRun
 
 ROOT = Path(__file__).resolve().parents[1]
-API_WORKFLOWS = ROOT / "workflows" / "api"
 
 pytestmark = comfyui_test_marks()
 
-TINY_FILES = {"dit_name": "aaa_tiny.safetensors", "text_encoder_name": "qwen3_tiny.safetensors", "vae_name": "flux2_tiny.safetensors"}
-STEPS, WIDTH, HEIGHT = 2, 64, 48
 LORA_STRENGTH, LORA_RANK, LORA_ALPHA = 0.7, 4, 2.0
 LORA_TARGETS = ("blocks.0.to_q", "blocks.1.ff.2", "proj_out")  # attention, MLP and output layers
 DEFAULT_SHIFT = pack_module("nodes.native_dit").flux2_shift()  # the model sampling's own default
@@ -97,22 +94,6 @@ def save_trained_lora(base: Path, lora_path: Path, merged_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------
-
-
-def load_workflow(name: str, prefix: str) -> dict:
-    """An API workflow with the tiny models, few steps and a small size; the image goes to SaveImage `prefix`."""
-    prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
-    for entry in prompt.values():
-        inputs = entry["inputs"]
-        for key in TINY_FILES.keys() & inputs.keys():
-            inputs[key] = TINY_FILES[key]
-        if entry["class_type"] in ("KSampler", "AAASampler", "AAAFlux2Sigmas"):
-            inputs["steps"] = STEPS
-        if entry["class_type"] in ("AAAEmptyLatentImage", "AAAFlux2Sigmas"):
-            inputs.update(width=WIDTH, height=HEIGHT)
-        if entry["class_type"] == "SaveImage":
-            inputs["filename_prefix"] = prefix
-    return prompt
 
 
 def node_id_of(prompt: dict, class_type: str) -> str:

@@ -9,18 +9,17 @@ The ComfyUI tree is `$AAA_COMFYUI_PATH`, else the 2024 snapshot bundled in horde
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from api_workflows import HEIGHT, STEPS, TINY_FILES, WIDTH, load_workflow
 from comfyui_harness import comfyui_test_marks, execute, run_in_comfyui, validate
 from tiny_models import save_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
-API_WORKFLOWS = ROOT / "workflows" / "api"
 
 pytestmark = comfyui_test_marks()
 
@@ -28,31 +27,12 @@ EXPECTED_NODES = {
     "AAADiTLoader", "AAATextEncoderLoader", "AAAVAELoader", "AAATextEncode",
     "AAAEmptyLatentImage", "AAASampler", "AAAVAEDecode", "AAAVAEEncode", "AAAReferenceNoise", "AAAFlux2Sigmas", "AAALoraLoader",
 }
-TINY_FILES = {"dit_name": "aaa_tiny.safetensors", "text_encoder_name": "qwen3_tiny.safetensors", "vae_name": "flux2_tiny.safetensors"}
 WRONG_DIT = "flux2_vae_copy.safetensors"  # the tiny VAE, put in the unet folder by mistake
-STEPS, WIDTH, HEIGHT = 2, 64, 48
 # Cancel right after the first progress update (the sampler's step 1). Current ComfyUI throttles
 # ProgressBar updates to one per 100 ms (first and last always sent), and the tiny model's steps
 # take about a millisecond, so a later update number would land after sampling.
 INTERRUPT_STEPS, INTERRUPT_AFTER = 20, 1
 EXAMPLE_SIZE = (70, 50)  # not multiples of 16: AAA VAE Encode crops it to 64x48
-
-
-def load_workflow(name: str, prefix: str, **changes) -> dict:
-    """An API workflow with the tiny models, few steps and a small size; `changes` set inputs by class."""
-    prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
-    for entry in prompt.values():
-        inputs = entry["inputs"]
-        for key in TINY_FILES.keys() & inputs.keys():
-            inputs[key] = TINY_FILES[key]
-        if entry["class_type"] == "AAASampler":
-            inputs["steps"] = STEPS
-        if entry["class_type"] == "AAAEmptyLatentImage":
-            inputs.update(width=WIDTH, height=HEIGHT)
-        if entry["class_type"] == "SaveImage":
-            inputs["filename_prefix"] = prefix
-        inputs.update(changes.get(entry["class_type"], {}))
-    return prompt
 
 
 def node_id_of(prompt: dict, class_type: str) -> str:
