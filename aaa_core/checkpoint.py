@@ -22,8 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelFileError, OutputError
-# The write side lives in outputs.py; these names are imported from here by the trainer too.
-from .outputs import atomic_output, is_temp_file, sweep_temp_files, temp_path_for  # noqa: F401
+from .outputs import atomic_output
 
 # One signature per model kind: keys that only that model's state dict has.
 AAADIT = "aaadit"

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from aaa_core import downloads
-from aaa_core.checkpoint import atomic_output, identify_model, read_safetensors, save_safetensors
+from aaa_core.checkpoint import identify_model, read_safetensors, save_safetensors
+from aaa_core.outputs import atomic_output
 from aaa_core.errors import InputError, ModelFileError
 from aaa_core.images import comfy_to_vae, open_rgb, pil_to_tensor, resize_cover, tensor_to_pil, vae_to_comfy
 from tiny_models import save_tiny_vae

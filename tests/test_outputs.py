@@ -13,7 +13,8 @@ import torch
 from safetensors import SafetensorError
 
 from aaa_core import checkpoint
-from aaa_core.checkpoint import atomic_output, is_temp_file, save_safetensors, sweep_temp_files, temp_path_for
+from aaa_core.checkpoint import save_safetensors
+from aaa_core.outputs import atomic_output, is_temp_file, sweep_temp_files, temp_path_for
 from aaa_core.errors import OutputError
 from aaa_core.outputs import atomic_outputs, check_writable
 

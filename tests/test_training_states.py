@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaa_core.checkpoint import atomic_output, read_safetensors, save_safetensors, temp_path_for
+from aaa_core.checkpoint import read_safetensors, save_safetensors
+from aaa_core.outputs import atomic_output, temp_path_for
 from aaa_core.dit import load_dit
 from aaa_core.errors import InputError
 from test_training import argv, dataset, models, run  # noqa: F401 (fixtures)

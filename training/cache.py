@@ -29,7 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from aaa_core.checkpoint import atomic_output, save_safetensors
+from aaa_core.checkpoint import save_safetensors
+from aaa_core.outputs import atomic_output
 from aaa_core.errors import InputError, OutputError
 from aaa_core.sampling import LATENT_CHANNELS, latent_size
 from aaa_core.text_encoder import MAX_TOKENS, encoder_files, load_config, load_text_encoder

@@ -33,7 +33,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from aaa_core.checkpoint import atomic_output, check_state_dict_matches, save_safetensors, temp_path_for
+from aaa_core.checkpoint import check_state_dict_matches, save_safetensors
+from aaa_core.outputs import atomic_output, temp_path_for
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
 

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from aaa_core.checkpoint import is_temp_file, sweep_temp_files
+from aaa_core.outputs import is_temp_file, sweep_temp_files
 from aaa_core.errors import InputError
 
 from .checkpoints import list_states, state_run_id, write_text_atomic

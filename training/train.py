@@ -46,7 +46,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from aaa_core import downloads
-from aaa_core.checkpoint import atomic_output
+from aaa_core.outputs import atomic_output
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
 from aaa_core.errors import AAAError, InputError, ways_out
 from aaa_core.scheduler import TrainingSchedule
