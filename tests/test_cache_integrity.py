@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import aaa_core.checkpoint
 from aaa_core.errors import InputError
+from aaa_core.outputs import temp_path_for
 from aaa_core.text_encoder import ASSETS_DIR
 from test_training import argv
 from tiny_models import save_tiny_models, save_tiny_vae
@@ -182,3 +183,23 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line(model_files, tmp_path, c
     assert code == 1
     assert "model_fingerprints.json: cannot write to the encoding cache" in caplog.text
     assert "pass a writable --cache-dir" in caplog.text
+
+
+def test_temp_files_of_a_killed_encoding_are_swept(model_files, tmp_path, caplog):
+    data = write_pairs(tmp_path / "data", 1)
+    cache_dir = tmp_path / "cache"
+    train(parse_config(argv(model_files, data, tmp_path / "a", "--max-steps", 1, cache=cache_dir)))
+    cache = cache_of(model_files, cache_dir)
+    entry = cache.path("latents", cache.latent_key(file_sha256(data / "img0.png")))
+    left_over = [temp_path_for(entry), temp_path_for(cache_dir / "model_fingerprints.json")]  # as a killed writer leaves them
+    for temp in left_over:
+        temp.write_bytes(b"half an entry")
+    others = entry.parent / ".notes.tmp"  # a user's own hidden file is not ours to delete
+    others.write_text("mine")
+
+    with caplog.at_level(logging.INFO):
+        train(parse_config(argv(model_files, data, tmp_path / "b", "--max-steps", 1, cache=cache_dir)))
+    assert not any(temp.exists() for temp in left_over)
+    assert others.read_text() == "mine" and entry.is_file()
+    for temp in left_over:
+        assert f"deleted {temp} (left by an interrupted encoding)" in caplog.text

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from aaa_core.checkpoint import save_safetensors
-from aaa_core.outputs import atomic_output
+from aaa_core.outputs import atomic_output, sweep_temp_files
 from aaa_core.errors import InputError, OutputError
 from aaa_core.sampling import LATENT_CHANNELS, latent_size
 from aaa_core.text_encoder import MAX_TOKENS, encoder_files, load_config, load_text_encoder
@@ -156,6 +156,12 @@ class EncodingCache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
+    def sweep_temp_files(self) -> list[Path]:
+        """Removes the temps that killed writers left among the entries; those of live processes stay,
+        so runs sharing the cache never lose each other's writes in progress."""
+        folders = [self.root, *(folder for kind in self.shapes for folder in sorted((self.root / kind).glob("??")))]
+        return [temp for folder in folders for temp in sweep_temp_files(folder)]
+
     def write(self, kind: str, key: str, tensor: torch.Tensor, source: str) -> None:
         """Stores a fresh encoding with its checksum; refuses one that could never be read back."""
         problem = self._problem(kind, tensor)
@@ -233,6 +239,9 @@ def encode_dataset(
     """
     stats = CacheStats()
     main = rank == 0
+    if main:
+        for left_over in cache.sweep_temp_files():
+            log.info("deleted %s (left by an interrupted encoding)", left_over)
     image_sha = {s.image: file_sha256(s.image) for s in samples}
     latent_keys = {image: cache.latent_key(sha) for image, sha in image_sha.items()}
     prompts = list(dict.fromkeys([s.caption for s in samples] + list(extra_prompts)))
