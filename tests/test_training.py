@@ -5,6 +5,7 @@ format, bit-exact resume after Ctrl-C, the encoding cache (reuse and targeted in
 bad inputs reported by name, data layouts, the data order, the config file, fine-tuning.
 """
 
+import importlib
 import logging
 import signal
 import socket
@@ -263,6 +264,22 @@ def test_module_entry_point_and_user_errors(models, tmp_path, caplog):
         assert f"--{name.replace('_', '-')}" in result.stdout
     assert main(argv(models, tmp_path / "missing", tmp_path / "out")) == 1
     assert "training data not found" in caplog.text
+
+
+def test_missing_model_files_are_named_at_once_with_the_options_that_pass_them(models, dataset, tmp_path, monkeypatch, caplog):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'modelscope.cn'")
+
+    # importlib: the modelscope.hub package re-exports a function of the same name as the module.
+    monkeypatch.setattr(importlib.import_module("modelscope.hub.snapshot_download"), "snapshot_download", offline)
+    args = [a for a in argv(models, dataset, tmp_path / "out") if a not in (str(models["vae"]), str(models["text_encoder"]))]
+    args = [a for a in args if a not in ("--vae", "--text-encoder")] + ["--model-dir", str(tmp_path / "models"), "--init-from", "published"]
+    caplog.clear()
+    assert main(args) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("3 model files are missing or bad: (1) FLUX.2 VAE not found at"), errors
+    assert "(2) Qwen3-0.6B text encoder not found" in errors[0] and "(3) AAADiT not found" in errors[0]
+    assert errors[0].endswith("; or pass a local file with --vae / --text-encoder / --init-from"), errors[0]
 
 
 def free_port() -> int:

@@ -112,12 +112,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # ------------------------------------------------------------ data
         samples, skipped = find_samples(cfg.data)
         with accelerator.main_process_first():  # one download and one model-file hash, then the others reuse them
-            vae_path = downloads.resolve_model_file(downloads.VAE, cfg.vae or None, cfg.model_dir or None)
-            text_encoder_path = downloads.resolve_model_file(downloads.TEXT_ENCODER, cfg.text_encoder or None, cfg.model_dir or None)
-            init_path = None
+            wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
             if cfg.init_from:
-                source = None if cfg.init_from == "published" else cfg.init_from
-                init_path = downloads.resolve_model_file(downloads.DIT, source, cfg.model_dir or None)
+                wanted["dit"] = None if cfg.init_from == "published" else cfg.init_from
+            files = downloads.resolve_model_files(wanted, cfg.model_dir or None)  # every missing file in one error
+            vae_path, text_encoder_path, init_path = files["vae"], files["text_encoder"], files.get("dit")
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
         data, unreadable = encode_dataset(  # the sample prompts are cached too: sampling never loads Qwen3
