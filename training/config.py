@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aaa_core.errors import InputError
+from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -201,11 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Reads a flat TOML config, checking names and types so a typo fails with the key's name."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise InputError(not_a_file_message(path, kind, "a TOML file"))
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a TOML file") from None
+    except OSError as err:
+        raise InputError(f"{path}: config file cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(not_utf8_message(path, err, "a UTF-8 TOML file")) from None
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not valid TOML ({err})") from None
     values = {}
