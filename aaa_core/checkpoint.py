@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelFileError, OutputError
+from .input_files import not_a_file_message, special_file_kind
 from .outputs import atomic_output
 
 # One signature per model kind: keys that only that model's state dict has.
@@ -90,6 +91,9 @@ def check_readable_file(path: "str | os.PathLike[str]") -> None:
     path = Path(path)
     if stat.S_ISDIR(check_path(path).st_mode):
         raise ModelFileError(f"{path}: is a folder, expected a .safetensors file")
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise ModelFileError(not_a_file_message(path, kind, "a .safetensors file"))
     try:
         with open(path, "rb"):
             pass

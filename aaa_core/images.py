@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .input_files import not_a_file_message, special_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,12 @@ def open_rgb(path: "str | os.PathLike[str]") -> Image.Image:
     ``convert("RGB")`` does the same). Where Load Image clips instead of scaling (16-bit, 32-bit
     and float grayscale), the values are scaled to 8 bits.
 
-    Raises ``InputError`` naming the file when it is missing, unreadable, too large to open
-    safely (PIL's decompression-bomb guard) or holds non-finite values.
+    Raises ``InputError`` naming the file when it is missing, unreadable, not a regular file, too
+    large to open safely (PIL's decompression-bomb guard) or holds non-finite values.
     """
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise InputError(not_a_file_message(path, kind, "an image file"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # logged below as one line

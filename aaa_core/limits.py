@@ -36,6 +36,8 @@ def check_text(name: str, text: str) -> None:
     surrogates (``\\udcff`` for the byte 0xff); they would fail later, deep in the tokenizer
     or the PNG writer.
     """
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be a string, got {type(text).__name__}")
     for position, char in enumerate(text):
         if "\ud800" <= char <= "\udfff":
             byte = f" (byte 0x{ord(char) - 0xDC00:02x})" if "\udc80" <= char <= "\udcff" else ""

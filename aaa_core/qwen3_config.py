@@ -17,6 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .config_values import json_object, positive_int, positive_number
 from .errors import ModelFileError, short_reason
+from .input_files import not_utf8_message
 
 # config.json sizes that must be positive integers; head_dim may be null (hidden_size / heads then).
 _SIZE_KEYS = (
@@ -31,7 +32,9 @@ def read_json_file(file: Path) -> dict:
         return json_object(file.read_text(encoding="utf-8"), "the file")
     except OSError as err:
         raise ModelFileError(f"{file}: cannot be read ({err.strerror or err})") from None
-    except ValueError as err:  # UnicodeDecodeError included
+    except UnicodeDecodeError as err:
+        raise ModelFileError(not_utf8_message(file, err, "a JSON file")) from None
+    except ValueError as err:
         raise ModelFileError(f"{file}: {short_reason(err)}") from None
 
 

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .errors import InputError
+
 NUM_TRAIN_TIMESTEPS = 1000
 TRAINING_MU = 0.8  # section 2.1: the reference's fixed training shift (PR #1226)
 
@@ -36,9 +38,9 @@ def flux2_sigmas(num_steps: int, denoise: float = 1.0, image_seq_len: int | None
     matches the reference so the values agree bit for bit.
     """
     if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+        raise InputError(f"steps must be at least 1, got {num_steps}")
     if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+        raise InputError(f"denoise must be in (0, 1], got {denoise}")
     sigma_min, sigma_max = 1 / num_steps, 1.0
     sigma_start = sigma_min + (sigma_max - sigma_min) * denoise
     sigmas = torch.linspace(sigma_start, sigma_min, num_steps)

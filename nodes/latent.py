@@ -36,6 +36,11 @@ def latent_samples(latent, name: str) -> torch.Tensor:
             f"{name} has shape {tuple(samples.shape)} (a video or audio latent?); AAADiT takes image "
             f"latents of shape (batch, {LATENT_CHANNELS}, height/{DOWNSCALE}, width/{DOWNSCALE})"
         )
+    if samples.numel() == 0:  # else torch.cat or a convolution fails deep inside sampling or decoding
+        raise InputError(
+            f"{name} has shape {tuple(samples.shape)}: no images or no pixels; AAADiT takes at least one latent "
+            f"of at least 1x1 (16x16 pixels)"
+        )
     channels = samples.shape[1]
     if channels != LATENT_CHANNELS:
         guess = f" (a {_OTHER_LATENTS[channels]} latent?)" if channels in _OTHER_LATENTS else ""

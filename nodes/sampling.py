@@ -13,7 +13,7 @@ import logging
 import torch
 
 from ..aaa_core.errors import InputError
-from ..aaa_core.limits import MAX_STEPS, SEED_MAX, check_finite
+from ..aaa_core.limits import MAX_STEPS, SEED_MAX, check_finite, check_int_range
 from ..aaa_core.preflight import check_models_fit
 from ..aaa_core.sampling import batch_seed, make_noise, sample
 from . import comfy_bridge as bridge
@@ -60,6 +60,7 @@ class AAASampler:
         if positive.shape[1] != negative.shape[1]:
             raise InputError(f"positive has {positive.shape[1]} tokens but negative {negative.shape[1]}; encode both with AAA Text Encode")
         # ComfyUI's min/max widget checks let NaN through (every comparison with it is false).
+        check_int_range("steps", steps, 1, MAX_STEPS)
         check_finite("cfg", cfg)
         check_finite("denoise", denoise)
         if not 0.0 <= denoise <= 1.0:

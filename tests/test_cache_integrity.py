@@ -203,3 +203,18 @@ def test_temp_files_of_a_killed_encoding_are_swept(model_files, tmp_path, caplog
     assert others.read_text() == "mine" and entry.is_file()
     for temp in left_over:
         assert f"deleted {temp} (left by an interrupted encoding)" in caplog.text
+
+
+def test_ctrl_c_while_encoding_keeps_finished_entries_and_says_so(model_files, tmp_path, monkeypatch, caplog):
+    """The stop request is honoured between encoding batches: exit 130, the message says what was kept
+    (not "the newest saved state", there is none), and no temp or partial entry is left."""
+    data = write_pairs(tmp_path / "data", 4)
+    checks = iter([False, True])  # Ctrl-C arrives while the first batch of two images is encoded
+    monkeypatch.setattr("training.interrupt.StopRequest.__call__", lambda self: next(checks, True))
+    code = main(argv(model_files, data, tmp_path / "run", "--encode-batch-size", 2))
+    assert code == 130
+    assert "stopped while filling the encoding cache; the entries encoded so far are kept" in caplog.text
+    assert "newest saved state" not in caplog.text
+    entries = [p for p in (tmp_path / "run" / "cache").rglob("*") if p.is_file() and p.name != "model_fingerprints.json"]
+    assert len(entries) == 2 and all(p.suffix == ".safetensors" for p in entries), entries
+    assert not (tmp_path / "run" / "states").exists() and not (tmp_path / "run" / "checkpoints").exists()

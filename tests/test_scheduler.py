@@ -4,6 +4,7 @@ reference scheduler itself."""
 import pytest
 import torch
 
+from aaa_core.errors import InputError
 from aaa_core.scheduler import TrainingSchedule, empirical_mu, flux2_sigmas, sigmas_to_timesteps
 
 # Section 2.1 of docs/diffsynth-aaa.md: 256x256 (L=256), 30 steps.
@@ -71,7 +72,7 @@ def test_nearest_index_matches_reference_lookup_including_bf16_rounding():
 
 
 def test_bad_schedule_arguments_raise():
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(InputError, match="steps must be at least 1"):
         flux2_sigmas(0)
-    with pytest.raises(ValueError, match="denoise"):
+    with pytest.raises(InputError, match="denoise"):
         flux2_sigmas(10, denoise=0.0)

@@ -294,13 +294,19 @@ def encode_dataset(
     return data, skipped
 
 
+# Said instead of the trainer's "interrupted without saving": nothing but cache entries exists yet.
+STOPPED_WHILE_ENCODING = (
+    "stopped while filling the encoding cache; the entries encoded so far are kept: run the same command again to go on"
+)
+
+
 def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, main, should_stop) -> dict[Path, str]:
     """Encodes and stores ``images``; returns why each unreadable one was left out."""
     vae, failures = None, {}
     with tqdm(total=len(images), desc="encoding images", unit="img", disable=None if main else True) as bar:
         for start in range(0, len(images), batch_size):
             if should_stop():
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(STOPPED_WHILE_ENCODING)
             chunk, pixels = [], []
             for image in images[start : start + batch_size]:
                 try:
@@ -333,7 +339,7 @@ def _encode_prompts(prompts, keys, cache, text_encoder_path, device, batch_size,
     with tqdm(total=len(prompts), desc="encoding prompts", unit="prompt", disable=None if main else True) as bar:
         for start in range(0, len(prompts), batch_size):
             if should_stop():
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(STOPPED_WHILE_ENCODING)
             chunk = prompts[start : start + batch_size]
             embeds = encoder.encode(chunk).cpu()
             for prompt, embed in zip(chunk, embeds):

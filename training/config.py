@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from aaa_core.cli import OneLineParser
 from aaa_core.errors import InputError
+from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
+from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +36,7 @@ def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
 
 DATA, MODEL, OPTIM, RUN, SAVE, FEEDBACK = "data", "model", "optimisation", "run", "checkpoints", "feedback"
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
+NUMPY_SEED_MAX = 2**32 - 1  # the trainer seeds numpy too, which takes no larger seed
 NOT_RECORDED = ("overwrite",)  # a one-time action: re-running a run's config.toml must not delete that run
 
 
@@ -118,9 +123,17 @@ class TrainConfig:
     peak_flops: float = option(0.0, "accelerator peak bf16 FLOP/s for MFU (default: looked up from the GPU name)", FEEDBACK)
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # NaN passes every range check below, and inf most
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{field.name} {value}: must be a finite number")
         checks = [
             (self.data != "", "no training data: pass --data FOLDER_OR_CSV (or set data in the --config file)"),
             (self.resolution >= 16 and self.resolution % 16 == 0, f"resolution {self.resolution} is not a positive multiple of 16"),
+            (self.resolution <= MAX_RESOLUTION, f"resolution {self.resolution} is above the maximum of {MAX_RESOLUTION}"),
+            (0 <= self.seed <= NUMPY_SEED_MAX, f"seed {self.seed} must be between 0 and {NUMPY_SEED_MAX} (numpy's seed range)"),
+            (0 <= self.sample_seed <= SEED_MAX, f"sample_seed {self.sample_seed} must be between 0 and {SEED_MAX}"),
+            (self.sample_steps <= MAX_STEPS, f"sample_steps {self.sample_steps} is above the maximum of {MAX_STEPS}"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
             (self.max_steps > 0 or self.max_epochs > 0, "set max_steps or max_epochs (both are 0, so training would never stop)"),
             (self.max_steps >= 0 and self.max_epochs >= 0, "max_steps and max_epochs must not be negative"),
@@ -132,13 +145,25 @@ class TrainConfig:
             (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must not be negative"),
             (not self.lora_rank or self.init_from != "", "--lora-rank trains adapters on a base model: pass --init-from published or FILE"),
             (not self.lora_rank or self.lora_targets != [], "--lora-rank needs at least one layer in --lora-targets"),
-            (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
+            (min(self.dim, self.depth, self.num_heads) >= 1, "dim, depth and num_heads must be at least 1"),
+            (self.num_heads < 1 or self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
+            (self.lr >= 0, f"lr {self.lr} must not be negative (0 freezes the weights)"),
+            (self.adam_eps > 0, f"adam_eps {self.adam_eps} must be greater than 0"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+             f"adam_beta1 {self.adam_beta1} and adam_beta2 {self.adam_beta2} must be in [0, 1)"),
+            (min(self.weight_decay, self.max_grad_norm, self.peak_flops) >= 0,
+             "weight_decay, max_grad_norm and peak_flops must not be negative"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
             (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
+            (self.sample_every == 0 or self.validation_prompts or self.num_validation_prompts >= 1,
+             f"num_validation_prompts {self.num_validation_prompts} must be at least 1 when samples are drawn (or set sample_every 0)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        check_text("negative_prompt", self.negative_prompt)  # the prompts the samples render, as the CLI checks its own
+        for index, prompt in enumerate(self.validation_prompts):
+            check_text(f"validation_prompts[{index}]", prompt)
 
     @property
     def global_batch_per_process(self) -> int:
@@ -173,7 +198,7 @@ FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m training",
         description="Train AAADiT from scratch or fine-tune it. Options come from the defaults, then --config, "
         "then the command line. Multi-GPU: accelerate launch --multi_gpu --num_processes N -m training ...",
@@ -201,11 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Reads a flat TOML config, checking names and types so a typo fails with the key's name."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise InputError(not_a_file_message(path, kind, "a TOML file"))
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a TOML file") from None
+    except OSError as err:
+        raise InputError(f"{path}: config file cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(not_utf8_message(path, err, "a UTF-8 TOML file")) from None
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not valid TOML ({err})") from None
     values = {}

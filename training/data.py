@@ -23,6 +23,7 @@ import torch
 
 from aaa_core.errors import InputError
 from aaa_core.images import open_rgb, pil_to_tensor, resize_cover
+from aaa_core.input_files import not_a_file_message, special_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def find_samples(data: "str | Path") -> tuple[list[Sample], list[Skipped]]:
     path = Path(data).expanduser()
     if not path.exists():
         raise InputError(f"{path}: training data not found (expected a folder or a metadata .csv)")
-    if path.is_file():
+    if not path.is_dir():
         if path.suffix.lower() != ".csv":
             raise InputError(f"{path}: expected a folder or a .csv file with columns '{IMAGE_COLUMN}' and 'prompt'")
         samples, skipped = _from_csv(path)
@@ -67,9 +68,9 @@ def find_samples(data: "str | Path") -> tuple[list[Sample], list[Skipped]]:
 
 def _find_csv(folder: Path) -> Path | None:
     for name in CSV_NAMES:
-        if (folder / name).is_file():
+        if (folder / name).exists() and not (folder / name).is_dir():  # a FIFO too: _from_csv refuses it
             return folder / name
-    candidates = sorted(folder.glob("*.csv"))
+    candidates = sorted(p for p in folder.glob("*.csv") if not p.is_dir())
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates)
         raise InputError(f"{folder}: several CSV files ({names}); pass the one to use as --data")
@@ -77,6 +78,9 @@ def _find_csv(folder: Path) -> Path | None:
 
 
 def _from_csv(csv_file: Path) -> tuple[list[Sample], list[Skipped]]:
+    kind = special_file_kind(csv_file)
+    if kind is not None:
+        raise InputError(not_a_file_message(csv_file, kind, f"a CSV file with columns '{IMAGE_COLUMN}' and 'prompt'"))
     try:
         with open(csv_file, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))

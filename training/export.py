@@ -9,12 +9,12 @@ no LoRA (the run's own checkpoints hold the EMA weights when EMA is on).
         merged.safetensors --base published
 """
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 from aaa_core import downloads
+from aaa_core.cli import OneLineParser
 from aaa_core.errors import AAAError, InputError
 
 from .checkpoints import SAVE_DTYPES, export_weights, save_weights
@@ -30,7 +30,7 @@ def export_lora(lora: Path, output: Path, base: str, strength: float = 1.0, dtyp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="python -m training.export", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", type=Path, help="a state folder (runs/pokemon/states/step-010000) or a LoRA .safetensors file")
     parser.add_argument("output", type=Path, help="the .safetensors file to write")
     parser.add_argument("--weights", choices=["raw", "ema"], default="ema", help="which weights of a state (default: ema)")

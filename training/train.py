@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     except AAAError as err:
         log.error("%s%s", err, ways_out(err, MODEL_OPTIONS))
         return 1
-    except KeyboardInterrupt:
-        log.error("interrupted without saving; the newest saved state is in OUTPUT_DIR/states")
+    except KeyboardInterrupt as stop:
+        log.error("%s", stop if str(stop) else "interrupted without saving; the newest saved state is in OUTPUT_DIR/states")
         return 130
     return 0
 

@@ -1,0 +1,56 @@
+"""Training options that used to pass the config checks and then fail deep inside torch or numpy
+(a traceback) or train silently on nonsense (``--lr inf`` wrote NaN weights): each is now one
+line naming the option, the value and what is allowed, before any file is read or written."""
+
+import pytest
+
+from aaa_core.errors import InputError
+from training.config import parse_config
+from training.export import main as export_main
+from training.train import main as train_main
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "lr nan: must be a finite number"),
+    (["--lr", "inf"], "lr inf: must be a finite number"),
+    (["--max-epochs", "nan", "--max-steps", "0"], "max_epochs nan: must be a finite number"),
+    (["--sample-cfg", "nan"], "sample_cfg nan: must be a finite number"),
+    (["--lr", "-1"], "lr -1.0 must not be negative"),
+    (["--adam-eps", "0"], "adam_eps 0.0 must be greater than 0"),
+    (["--adam-beta1", "1.5"], "adam_beta1 1.5 and adam_beta2 0.999 must be in [0, 1)"),
+    (["--max-grad-norm", "-1"], "weight_decay, max_grad_norm and peak_flops must not be negative"),
+    (["--num-heads", "0"], "dim, depth and num_heads must be at least 1"),  # was a ZeroDivisionError
+    (["--depth", "0"], "dim, depth and num_heads must be at least 1"),
+    (["--seed", "-1"], "seed -1 must be between 0 and 4294967295"),  # numpy refused it mid-set-up
+    (["--seed", str(2**40)], f"seed {2**40} must be between 0 and 4294967295"),
+    (["--sample-seed", "-5"], "sample_seed -5 must be between 0 and 18446744073709551615"),
+    (["--resolution", "99984"], "resolution 99984 is above the maximum of 8192"),
+    (["--sample-steps", "100000"], "sample_steps 100000 is above the maximum of 10000"),
+    (["--num-validation-prompts", "0"], "num_validation_prompts 0 must be at least 1 when samples are drawn"),
+    (["--validation-prompts", "a\x00b"], "validation_prompts[0]: character 1 is a NUL character"),
+    (["--negative-prompt", "bad \udcff byte"], "negative_prompt: character 4 is not valid text (byte 0xff)"),
+])
+def test_bad_option_is_one_line_naming_it(flags, message, tmp_path):
+    with pytest.raises(InputError) as caught:
+        parse_config(["--data", "x", "--output-dir", str(tmp_path / "run"), *flags])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_same_values_from_a_config_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('data = "x"\nlr = nan\n', encoding="utf-8")
+    with pytest.raises(InputError, match="lr nan: must be a finite number"):
+        parse_config(["--config", str(config)])
+    assert parse_config(["--config", str(config), "--lr", "1e-4", "--num-validation-prompts", "0", "--sample-every", "0"]).lr == 1e-4
+
+
+@pytest.mark.parametrize("entry, argv, fragment", [
+    (train_main, ["--batch-size", "abc"], "error: argument --batch-size: invalid int value: 'abc' (see python -m training --help)"),
+    (export_main, ["state", "out.safetensors", "--weights", "both"], "error: argument --weights: invalid choice: 'both'"),
+])
+def test_usage_mistakes_are_one_line(entry, argv, fragment, capsys):
+    with pytest.raises(SystemExit) as caught:
+        entry(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and fragment in err, err  # not the whole usage text
