@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
 from aaa_core.errors import InputError
 
 if sys.version_info >= (3, 11):
@@ -56,9 +57,13 @@ class TrainConfig:
     vae: str = option("", "FLUX.2 VAE .safetensors (default: download once from ModelScope into MODEL_DIR)", MODEL)
     text_encoder: str = option("", "Qwen3-0.6B model.safetensors or its folder (default: download once)", MODEL)
     model_dir: str = option("", "where downloaded model files are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)", MODEL)
-    dim: int = option(1024, "DiT width (random init only)", MODEL)
-    depth: int = option(10, "DiT blocks (random init only)", MODEL)
-    num_heads: int = option(32, "attention heads; dim / num_heads is the head size (random init only)", MODEL)
+    model: str = option(DEFAULT_PRESET, "named DiT size for a random init: " + ", ".join(
+                        f"{name} (dim {c.dim}, depth {c.depth}, {c.num_heads} heads)" for name, c in DIT_PRESETS.items())
+                        + f"; {DEFAULT_PRESET} is the published model's; --dim, --depth and --num-heads override it",
+                        MODEL, choices=list(DIT_PRESETS))
+    dim: int = option(0, "DiT width (random init only; 0: the --model preset's)", MODEL)
+    depth: int = option(0, "DiT blocks (random init only; 0: the --model preset's)", MODEL)
+    num_heads: int = option(0, "attention heads; dim / num_heads is the head size (random init only; 0: the --model preset's)", MODEL)
     gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass (less memory, ~30% slower)", MODEL)
     compile: bool = option(False, "torch.compile each DiT block (faster on GPU after a minute of compiling)", MODEL)
     lora_rank: int = option(0, "train a LoRA of this rank on the frozen --init-from checkpoint instead of all weights "
@@ -118,6 +123,7 @@ class TrainConfig:
     peak_flops: float = option(0.0, "accelerator peak bf16 FLOP/s for MFU (default: looked up from the GPU name)", FEEDBACK)
 
     def __post_init__(self) -> None:
+        self._apply_model_preset()
         checks = [
             (self.data != "", "no training data: pass --data FOLDER_OR_CSV (or set data in the --config file)"),
             (self.resolution >= 16 and self.resolution % 16 == 0, f"resolution {self.resolution} is not a positive multiple of 16"),
@@ -132,13 +138,28 @@ class TrainConfig:
             (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must not be negative"),
             (not self.lora_rank or self.init_from != "", "--lora-rank trains adapters on a base model: pass --init-from published or FILE"),
             (not self.lora_rank or self.lora_targets != [], "--lora-rank needs at least one layer in --lora-targets"),
-            (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
+            (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads} "
+             f"(--model {self.model} gives the sizes not set explicitly)"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
             (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+
+    def _apply_model_preset(self) -> None:
+        """Fills the sizes left at 0 from the ``model`` preset: explicit dim/depth/num_heads win.
+
+        The resolved sizes are what ``config.toml`` records, so re-running it builds the same model.
+        """
+        if self.model not in DIT_PRESETS:
+            raise InputError(f"model {self.model!r}: unknown size; use one of {', '.join(DIT_PRESETS)}")
+        if min(self.dim, self.depth, self.num_heads) < 0:
+            raise InputError(f"dim {self.dim}, depth {self.depth}, num_heads {self.num_heads}: sizes must not be negative")
+        preset = DIT_PRESETS[self.model]
+        self.dim = self.dim or preset.dim
+        self.depth = self.depth or preset.depth
+        self.num_heads = self.num_heads or preset.num_heads
 
     @property
     def global_batch_per_process(self) -> int:
