@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aaa_core.devices import cpu_has_native_bf16
 from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
 from aaa_core.errors import InputError
 
@@ -87,7 +88,7 @@ class TrainConfig:
     max_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0 = off, as the reference", OPTIM)
     ema_decay: float = option(0.999, "EMA of the weights (used for samples and the saved .safetensors); 0 = off. "
                               "Warm-up: decay min(ema_decay, (1+t)/(10+t)) at step t", OPTIM)
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (autocast, fp32 master weights and "
+    precision: str = option("auto", "auto (bf16 on GPU and on CPUs with native bf16, AVX512-BF16 or AMX; else fp32), fp32, bf16 (autocast, fp32 master weights and "
                             "optimizer), or bf16-pure (the reference: weights and AdamW states in bf16)", OPTIM, choices=list(PRECISIONS))
     reference_timesteps: bool = option(False, "round the timestep to bf16 before the sigma/weight lookup as the reference "
                                        "does (reaches only 384 of the 1000 grid sigmas); off = exact grid values", OPTIM)
@@ -160,6 +161,12 @@ class TrainConfig:
         self.dim = self.dim or preset.dim
         self.depth = self.depth or preset.depth
         self.num_heads = self.num_heads or preset.num_heads
+
+    def resolved_precision(self, use_cuda: bool) -> str:
+        """``precision`` with auto made concrete: bf16 autocast on GPUs and on CPUs that compute bf16 natively."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if use_cuda or cpu_has_native_bf16() else "fp32"
 
     @property
     def global_batch_per_process(self) -> int:
