@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
 from PIL import Image
 
 import training.cache
@@ -265,11 +266,14 @@ def test_auto_precision_is_bf16_autocast_with_fp32_master_weights_on_a_cpu_with_
         if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():  # training steps, not the encoders
             linear_outputs.add(output.dtype)
 
+    # accelerate keeps one mixed-precision setting per process: start this run, and the next test, afresh.
+    AcceleratorState._reset_state(reset_partial_state=True)
     hook = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         summary = run(models, dataset, tmp_path / "bf16", "--max-steps", 2)
     finally:
         hook.remove()
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert linear_outputs == {torch.bfloat16}
     assert "precision bf16" in (tmp_path / "bf16" / "train.log").read_text(encoding="utf-8")
     header, _ = read_header(summary.state / "model.safetensors")

@@ -88,8 +88,8 @@ class TrainConfig:
     max_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0 = off, as the reference", OPTIM)
     ema_decay: float = option(0.999, "EMA of the weights (used for samples and the saved .safetensors); 0 = off. "
                               "Warm-up: decay min(ema_decay, (1+t)/(10+t)) at step t", OPTIM)
-    precision: str = option("auto", "auto (bf16 on GPU and on CPUs with native bf16, AVX512-BF16 or AMX; else fp32), fp32, bf16 (autocast, fp32 master weights and "
-                            "optimizer), or bf16-pure (the reference: weights and AdamW states in bf16)", OPTIM, choices=list(PRECISIONS))
+    precision: str = option("auto", "auto (bf16 on GPU and on CPUs with native bf16, AVX512-BF16 or AMX; else fp32), "
+                            "fp32, bf16 (autocast, fp32 master weights and optimizer), or bf16-pure (the reference: weights and AdamW states in bf16)", OPTIM, choices=list(PRECISIONS))
     reference_timesteps: bool = option(False, "round the timestep to bf16 before the sigma/weight lookup as the reference "
                                        "does (reaches only 384 of the 1000 grid sigmas); off = exact grid values", OPTIM)
 
