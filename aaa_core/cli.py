@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--text-encoder", type=Path, help="Qwen3-0.6B model.safetensors or its folder (default: download)")
     gen.add_argument("--model-dir", type=Path, help="where downloaded models are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)")
     gen.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
-    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPUs and CPUs that support it, else float16 on GPUs, float32 on CPUs), float32, bfloat16 or float16")
     gen.add_argument("--output", type=Path, required=True, help="output PNG; a batch writes NAME_0.png, NAME_1.png, ...; missing folders are created")
     return parser
 

@@ -6,6 +6,9 @@ fallback and the CLI's ``--device`` / ``--dtype`` options.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import re
 
 import torch
@@ -22,6 +25,9 @@ DTYPES = {
 }
 
 
+log = logging.getLogger(__name__)
+
+CPU_BF16_ENV = "AAA_CPU_BF16"  # 1 or 0 overrides the detection below (tests, or a CPU it misjudges)
 _DEVICE_NAME = re.compile(r"(cpu|cuda|mps)(?::(\d+))?")
 
 
@@ -61,8 +67,9 @@ def resolve_dtype(name: str, device: torch.device, label: str = "dtype") -> torc
     """Maps ``auto|float32|bfloat16|float16`` to a compute dtype for ``device``.
 
     ``auto`` picks bfloat16 on GPUs that support it (the dtype the published checkpoint was
-    trained and sampled in), float16 on other GPUs and MPS, and float32 on the CPU, where
-    half-precision matmuls are slower than float32 ones. ``label`` is what errors call the option.
+    trained and sampled in), float16 on other GPUs and MPS, bfloat16 on CPUs with native bf16
+    (:func:`cpu_has_native_bf16`), and float32 on other CPUs, where half-precision matmuls are
+    emulated and slower than float32 ones. ``label`` is what errors call the option.
     """
     key = name.strip().lower()
     if key != "auto":
@@ -74,4 +81,38 @@ def resolve_dtype(name: str, device: torch.device, label: str = "dtype") -> torc
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 beats float32.
+
+    Elsewhere bf16 is emulated and slower than float32. ``AAA_CPU_BF16=1`` or ``0`` overrides it.
+    """
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise InputError(f"{CPU_BF16_ENV}={override!r}: use 1 (the CPU has native bf16) or 0 (it has not), or unset it")
+    return _detect_cpu_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _detect_cpu_bf16() -> bool:
+    """Asks PyTorch's own CPU feature probe (cpuinfo: Linux, Windows and macOS alike).
+
+    That probe is private API, so a PyTorch without it reads the Linux kernel's flags instead,
+    and anything else (no such file: macOS, Windows) counts as no bf16: float32 is never wrong.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        found = any(probe() for probe in probes)
+    else:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                flags = set(handle.read().split())
+        except OSError:
+            flags = set()
+        found = bool(flags & {"avx512_bf16", "amx_bf16"})
+    log.debug("CPU native bf16 (AVX512-BF16 or AMX): %s", found)
+    return found

@@ -91,7 +91,7 @@ class AAADiTConfig:
                 raise ValueError(
                     f"metadata {CONFIG_METADATA_KEY} says {name} {value}, but the weights' shapes give {inferred[name]}"
                 )
-        num_heads = stored.get("num_heads", max(1, dim // 32))
+        num_heads = stored.get("num_heads", default_num_heads(dim))
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads} (metadata {CONFIG_METADATA_KEY})")
         return cls(num_heads=num_heads, **inferred)
@@ -109,6 +109,27 @@ def _stored_config(metadata: Mapping[str, str]) -> dict[str, int]:
             raise ValueError(f"{where} has an unknown key {name!r} (known: {', '.join(sorted(known))})")
         positive_int(f"{where} {name}", value)
     return stored
+
+
+# --------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------
+
+# Named sizes for the trainer's --model, one line each (DiT's S/B/L/XL idea): dim, depth, num_heads.
+# Parameter counts with FLUX.2 latents and Qwen3-0.6B prompts (128 channels in, 1024 wide), as tested.
+DIT_PRESETS: dict[str, AAADiTConfig] = {
+    "AAA-S": AAADiTConfig(dim=512, depth=8, num_heads=16),  # 26.4M, head_dim 32
+    "AAA-B": AAADiTConfig(dim=1024, depth=10, num_heads=32),  # 128.8M, head_dim 32: the published step-600000
+    "AAA-L": AAADiTConfig(dim=1536, depth=16, num_heads=24),  # 458.4M, head_dim 64
+    "AAA-XL": AAADiTConfig(dim=2048, depth=20, num_heads=32),  # 1014.9M, head_dim 64
+}
+DEFAULT_PRESET = "AAA-B"
+
+
+def default_num_heads(dim: int) -> int:
+    """Heads for a file whose metadata does not say: the preset of that width's, else head_dim 32 as the reference."""
+    preset = next((c for c in DIT_PRESETS.values() if c.dim == dim), None)
+    return preset.num_heads if preset else max(1, dim // 32)
 
 
 # --------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def measure(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPUs, float32 on the CPU")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPUs and on CPUs with native bf16, else float32 on the CPU")
     parser.add_argument("--steps", type=int, default=30, help="Euler steps per image (default: 30)")
     parser.add_argument("--size", type=int, default=256, help="square image side in pixels, a multiple of 16 (default: 256)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is kept (default: 2)")

@@ -1,6 +1,6 @@
-"""Fixtures for the node tests: tiny model files in ComfyUI's folder layout and the three models
-loaded once through the loader nodes. Node test modules opt in with
-``pytestmark = pytest.mark.usefixtures("fallback_folders")``.
+"""Fixtures: float32 as the CPU's ``auto`` dtype in every test; for the node tests, tiny model files
+in ComfyUI's folder layout and the three models loaded once through the loader nodes. Node test
+modules opt in with ``pytestmark = pytest.mark.usefixtures("fallback_folders")``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,16 @@ from types import SimpleNamespace
 import pytest
 
 from tiny_models import save_tiny_models
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_native_bf16():
+    """Runs every test as on a CPU without native bf16, so ``auto`` means float32 on any machine
+    (this one and CI's have AVX512-BF16); the bf16 tests set ``AAA_CPU_BF16=1`` themselves.
+    Session-scoped so it holds for module-level fixtures and subprocesses too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AAA_CPU_BF16", "0")
+        yield
 
 
 @pytest.fixture(scope="module")

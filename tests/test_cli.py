@@ -49,6 +49,19 @@ def test_module_entry_point_writes_a_png_with_its_settings(models, tmp_path):
         assert "'a green lizard'" in image.text["parameters"] and "seed: 5" in image.text["parameters"]
 
 
+@pytest.mark.parametrize("native_bf16, dtype", [("1", "bf16"), ("0", "fp32")])
+def test_auto_dtype_on_the_cpu_is_bfloat16_where_it_is_native(models, tmp_path, capsys, monkeypatch, native_bf16, dtype):
+    monkeypatch.setenv("AAA_CPU_BF16", native_bf16)
+    out = tmp_path / "auto.png"
+    code, err = run(["--prompt", "x", "--steps", "2", "--width", "32", "--height", "32", "--device", "cpu",
+                     "--dtype", "auto", *model_args(models), "--output", str(out)], capsys)
+    assert code == 0, err
+    with Image.open(out) as image:
+        assert image.size == (32, 32)
+        assert f"dtype: '{dtype}'" in image.text["parameters"]
+        assert f'"weight_dtype": "{dtype}"' in image.text["prompt"]  # the graph that regenerates it loads in that dtype
+
+
 def test_cli_image_equals_the_core_computation(models, tmp_path, capsys):
     """The CLI adds nothing to the numbers: same seed, same pixels as calling aaa_core directly."""
     out = tmp_path / "cli.png"

@@ -7,6 +7,7 @@ bad inputs reported by name, data layouts, the data order, the config file, fine
 
 import importlib
 import logging
+import math
 import signal
 import socket
 import subprocess
@@ -17,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
 from PIL import Image
 
 import training.cache
 import training.train
-from aaa_core.checkpoint import read_safetensors
+from aaa_core.checkpoint import read_header, read_safetensors
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
 from aaa_core.errors import InputError
 from aaa_core.scheduler import TrainingSchedule
@@ -255,6 +257,29 @@ def test_fine_tune_starts_from_the_given_checkpoint(models, dataset, tmp_path):
 
     exported = export_weights(summary.state, tmp_path / "raw.safetensors", weights="raw", dtype="bf16")
     assert load_dit(exported).config == TINY_DIT
+
+
+def test_auto_precision_is_bf16_autocast_with_fp32_master_weights_on_a_cpu_with_native_bf16(models, dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("AAA_CPU_BF16", "1")
+    linear_outputs = set()
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():  # training steps, not the encoders
+            linear_outputs.add(output.dtype)
+
+    # accelerate keeps one mixed-precision setting per process: start this run, and the next test, afresh.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        summary = run(models, dataset, tmp_path / "bf16", "--max-steps", 2)
+    finally:
+        hook.remove()
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert linear_outputs == {torch.bfloat16}
+    assert "precision bf16" in (tmp_path / "bf16" / "train.log").read_text(encoding="utf-8")
+    header, _ = read_header(summary.state / "model.safetensors")
+    assert {info.dtype for info in header.values()} == {"F32"}  # the master weights stay float32
+    assert all(math.isfinite(loss) for _, loss in summary.losses)
 
 
 def test_module_entry_point_and_user_errors(models, tmp_path, caplog):

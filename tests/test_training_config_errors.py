@@ -19,8 +19,8 @@ from training.train import main as train_main
     (["--adam-eps", "0"], "adam_eps 0.0 must be greater than 0"),
     (["--adam-beta1", "1.5"], "adam_beta1 1.5 and adam_beta2 0.999 must be in [0, 1)"),
     (["--max-grad-norm", "-1"], "weight_decay, max_grad_norm and peak_flops must not be negative"),
-    (["--num-heads", "0"], "dim, depth and num_heads must be at least 1"),  # was a ZeroDivisionError
-    (["--depth", "0"], "dim, depth and num_heads must be at least 1"),
+    (["--num-heads", "-1"], "dim 0, depth 0, num_heads -1: sizes must not be negative"),  # 0 takes the --model preset's
+    (["--depth", "-2"], "dim 0, depth -2, num_heads 0: sizes must not be negative"),
     (["--seed", "-1"], "seed -1 must be between 0 and 4294967295"),  # numpy refused it mid-set-up
     (["--seed", str(2**40)], f"seed {2**40} must be between 0 and 4294967295"),
     (["--sample-seed", "-5"], "sample_seed -5 must be between 0 and 18446744073709551615"),

@@ -66,11 +66,16 @@ def save_weights(
 ) -> Path:
     """Writes a strictly loadable AAADiT file atomically (keys unchanged, floats cast to ``dtype``)."""
     tensors = {k: v.detach().to(dtype) for k, v in state_dict.items()}
+    save_safetensors(tensors, path, weights_metadata(config, step, weights, run_id))
+    return path
+
+
+def weights_metadata(config: AAADiTConfig, step: int, weights: str, run_id: str = "") -> dict[str, str]:
+    """The metadata of a loadable checkpoint: the model config (its head count included), step, which weights."""
     metadata = {CONFIG_METADATA_KEY: config.to_json(), "aaa_step": str(step), "aaa_weights": weights}
     if run_id:
         metadata["aaa_run_id"] = run_id
-    save_safetensors(tensors, path, metadata)
-    return path
+    return metadata
 
 
 def _rng_state() -> dict[str, Any]:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from aaa_core.cli import OneLineParser
+from aaa_core.devices import cpu_has_native_bf16
+from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
 from aaa_core.errors import InputError
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
@@ -61,9 +63,13 @@ class TrainConfig:
     vae: str = option("", "FLUX.2 VAE .safetensors (default: download once from ModelScope into MODEL_DIR)", MODEL)
     text_encoder: str = option("", "Qwen3-0.6B model.safetensors or its folder (default: download once)", MODEL)
     model_dir: str = option("", "where downloaded model files are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)", MODEL)
-    dim: int = option(1024, "DiT width (random init only)", MODEL)
-    depth: int = option(10, "DiT blocks (random init only)", MODEL)
-    num_heads: int = option(32, "attention heads; dim / num_heads is the head size (random init only)", MODEL)
+    model: str = option(DEFAULT_PRESET, "named DiT size for a random init: " + ", ".join(
+                        f"{name} (dim {c.dim}, depth {c.depth}, {c.num_heads} heads)" for name, c in DIT_PRESETS.items())
+                        + f"; {DEFAULT_PRESET} is the published model's; --dim, --depth and --num-heads override it",
+                        MODEL, choices=list(DIT_PRESETS))
+    dim: int = option(0, "DiT width (random init only; 0: the --model preset's)", MODEL)
+    depth: int = option(0, "DiT blocks (random init only; 0: the --model preset's)", MODEL)
+    num_heads: int = option(0, "attention heads; dim / num_heads is the head size (random init only; 0: the --model preset's)", MODEL)
     gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass (less memory, ~30% slower)", MODEL)
     compile: bool = option(False, "torch.compile each DiT block (faster on GPU after a minute of compiling)", MODEL)
     lora_rank: int = option(0, "train a LoRA of this rank on the frozen --init-from checkpoint instead of all weights "
@@ -87,8 +93,8 @@ class TrainConfig:
     max_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0 = off, as the reference", OPTIM)
     ema_decay: float = option(0.999, "EMA of the weights (used for samples and the saved .safetensors); 0 = off. "
                               "Warm-up: decay min(ema_decay, (1+t)/(10+t)) at step t", OPTIM)
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (autocast, fp32 master weights and "
-                            "optimizer), or bf16-pure (the reference: weights and AdamW states in bf16)", OPTIM, choices=list(PRECISIONS))
+    precision: str = option("auto", "auto (bf16 on GPU and on CPUs with native bf16, AVX512-BF16 or AMX; else fp32), "
+                            "fp32, bf16 (autocast, fp32 master weights and optimizer), or bf16-pure (the reference: weights and AdamW states in bf16)", OPTIM, choices=list(PRECISIONS))
     reference_timesteps: bool = option(False, "round the timestep to bf16 before the sigma/weight lookup as the reference "
                                        "does (reaches only 384 of the 1000 grid sigmas); off = exact grid values", OPTIM)
 
@@ -127,6 +133,7 @@ class TrainConfig:
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise InputError(f"{field.name} {value}: must be a finite number")
+        self._apply_model_preset()
         checks = [
             (self.data != "", "no training data: pass --data FOLDER_OR_CSV (or set data in the --config file)"),
             (self.resolution >= 16 and self.resolution % 16 == 0, f"resolution {self.resolution} is not a positive multiple of 16"),
@@ -145,8 +152,8 @@ class TrainConfig:
             (self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must not be negative"),
             (not self.lora_rank or self.init_from != "", "--lora-rank trains adapters on a base model: pass --init-from published or FILE"),
             (not self.lora_rank or self.lora_targets != [], "--lora-rank needs at least one layer in --lora-targets"),
-            (min(self.dim, self.depth, self.num_heads) >= 1, "dim, depth and num_heads must be at least 1"),
-            (self.num_heads < 1 or self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}"),
+            (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads} "
+             f"(--model {self.model} gives the sizes not set explicitly)"),
             (self.lr >= 0, f"lr {self.lr} must not be negative (0 freezes the weights)"),
             (self.adam_eps > 0, f"adam_eps {self.adam_eps} must be greater than 0"),
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
@@ -164,6 +171,26 @@ class TrainConfig:
         check_text("negative_prompt", self.negative_prompt)  # the prompts the samples render, as the CLI checks its own
         for index, prompt in enumerate(self.validation_prompts):
             check_text(f"validation_prompts[{index}]", prompt)
+
+    def _apply_model_preset(self) -> None:
+        """Fills the sizes left at 0 from the ``model`` preset: explicit dim/depth/num_heads win.
+
+        The resolved sizes are what ``config.toml`` records, so re-running it builds the same model.
+        """
+        if self.model not in DIT_PRESETS:
+            raise InputError(f"model {self.model!r}: unknown size; use one of {', '.join(DIT_PRESETS)}")
+        if min(self.dim, self.depth, self.num_heads) < 0:
+            raise InputError(f"dim {self.dim}, depth {self.depth}, num_heads {self.num_heads}: sizes must not be negative")
+        preset = DIT_PRESETS[self.model]
+        self.dim = self.dim or preset.dim
+        self.depth = self.depth or preset.depth
+        self.num_heads = self.num_heads or preset.num_heads
+
+    def resolved_precision(self, use_cuda: bool) -> str:
+        """``precision`` with auto made concrete: bf16 autocast on GPUs and on CPUs that compute bf16 natively."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if use_cuda or cpu_has_native_bf16() else "fp32"
 
     @property
     def global_batch_per_process(self) -> int:

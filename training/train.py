@@ -87,7 +87,7 @@ class TrainSummary:
 def train(cfg: TrainConfig) -> TrainSummary:
     # ---------------------------------------------------------------- set-up
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
+    precision = cfg.resolved_precision(use_cuda)
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if precision == "bf16" else "no")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if device.type == "cpu":
