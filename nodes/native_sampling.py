@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..aaa_core.limits import MAX_STEPS, SEED_MAX
+from ..aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX
 from ..aaa_core.sampling import latent_size
 from ..aaa_core.scheduler import flux2_sigmas
 from .latent import latent_samples
@@ -65,8 +65,8 @@ class AAAFlux2Sigmas:
         return {
             "required": {
                 "steps": ("INT", {"default": 30, "min": 1, "max": MAX_STEPS, "tooltip": "Sampling steps."}),
-                "width": ("INT", {"default": 256, "min": 16, "max": 16384, "step": 16, "tooltip": "Image width in pixels (a multiple of 16)."}),
-                "height": ("INT", {"default": 256, "min": 16, "max": 16384, "step": 16, "tooltip": "Image height in pixels (a multiple of 16)."}),
+                "width": ("INT", {"default": 256, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image width in pixels (a multiple of 16)."}),
+                "height": ("INT", {"default": 256, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image height in pixels (a multiple of 16)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "1.0 starts from pure noise."}),
             }
         }
