@@ -2,11 +2,99 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from aaa_core.errors import InputError
+from aaa_core.images import open_rgb
+from aaa_core.limits import MAX_RESOLUTION
+from training.buckets import Bucket, assign_bucket, image_size, parse_buckets, wide_and_tall
 from training.data import load_image
+
+
+def test_square_is_the_one_resolution_bucket():
+    assert parse_buckets("square", 256) == [Bucket(256, 256)]
+    assert (Bucket(352, 176).name, Bucket(352, 176).latent_size) == ("352x176", (11, 22))
+    assert wide_and_tall([Bucket(256, 256)]) == []
+
+
+@pytest.mark.parametrize("resolution", [256, 512])
+def test_aspect_buckets_keep_the_area_and_span_1_to_2_through_2_to_1(resolution):
+    buckets = parse_buckets("aspect", resolution)
+    area = resolution * resolution
+    assert Bucket(resolution, resolution) in buckets and buckets == sorted(set(buckets))
+    assert len(buckets) > 5
+    for bucket in buckets:
+        assert bucket.width % 16 == 0 and bucket.height % 16 == 0
+        assert 0.9 * area <= bucket.width * bucket.height <= area
+        assert 1 / 2 <= bucket.width / bucket.height <= 2
+    ratios = sorted(math.log(b.width / b.height) for b in buckets)
+    assert ratios[0] < math.log(1 / 1.8) and ratios[-1] > math.log(1.8)  # reaches near both ends
+    assert set(buckets) == {Bucket(b.height, b.width) for b in buckets}  # tall shapes mirror the wide ones
+    wide, tall = wide_and_tall(buckets)
+    assert wide == (buckets[-1].width, buckets[-1].height) and tall == (wide[1], wide[0]) and wide[0] > wide[1]
+
+
+def test_explicit_bucket_lists_keep_their_order():
+    assert parse_buckets(" 512x256, 256X512,384x384 ", 256) == [Bucket(512, 256), Bucket(256, 512), Bucket(384, 384)]
+    assert wide_and_tall(parse_buckets("512x256,384x384", 256)) == [(512, 256)]  # no tall bucket, no tall image
+
+
+@pytest.mark.parametrize(
+    "spec, complaint",
+    [
+        ("", "'' is not WIDTHxHEIGHT"),
+        ("wide", "'wide' is not WIDTHxHEIGHT"),
+        ("512x256,", "'' is not WIDTHxHEIGHT"),
+        ("512*256", "'512*256' is not WIDTHxHEIGHT"),
+        ("-16x16", "'-16x16' is not WIDTHxHEIGHT"),
+        ("512x250", "'512x250' has a side of 250"),
+        ("0x16", "'0x16' has a side of 0"),
+        (f"{MAX_RESOLUTION + 16}x16", f"has a side of {MAX_RESOLUTION + 16}"),
+        ("512x256,256x512,512x256", "512x256 listed more than once"),
+    ],
+)
+def test_bad_bucket_specs_name_the_bad_part(spec, complaint):
+    with pytest.raises(InputError) as excinfo:
+        parse_buckets(spec, 256)
+    message = str(excinfo.value)
+    assert message.startswith(f"buckets '{spec}': ") and complaint in message and "\n" not in message
+    if "listed more" not in complaint:
+        assert "use 'square', 'aspect' or a list of WIDTHxHEIGHT sizes" in message
+
+
+def test_each_image_goes_to_the_bucket_of_nearest_aspect_ratio():
+    buckets = parse_buckets("aspect", 256)
+    assert buckets[assign_bucket(2000, 1000, buckets)] == Bucket(352, 176)
+    assert buckets[assign_bucket(5000, 1000, buckets)] == Bucket(352, 176)  # beyond the widest: still the widest
+    assert buckets[assign_bucket(1000, 2000, buckets)] == Bucket(176, 352)
+    assert buckets[assign_bucket(640, 640, buckets)] == Bucket(256, 256)
+    assert buckets[assign_bucket(1500, 1000, buckets)] == Bucket(304, 208)  # log(1.5) nearest log(304/208)
+    pair = [Bucket(512, 256), Bucket(256, 512)]
+    assert assign_bucket(300, 300, pair) == 0 and assign_bucket(300, 300, pair[::-1]) == 0  # a tie: the first listed
+    sizes = [(w, h) for w in range(16, 1000, 37) for h in range(16, 1000, 41)]
+    counts = np.bincount([assign_bucket(w, h, buckets) for w, h in sizes], minlength=len(buckets))
+    assert counts.sum() == len(sizes) and (counts > 0).all()  # one bucket each, and every bucket gets some
+
+
+def test_image_size_reads_the_header_and_honours_exif_rotation(tmp_path):
+    plain, rotated = tmp_path / "plain.jpg", tmp_path / "rotated.jpg"
+    Image.new("RGB", (60, 20), (200, 10, 10)).save(plain)
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # 3: upside down; 6 and 8: turned a quarter, so the sides swap
+        Image.new("RGB", (60, 20), (200, 10, 10)).save(rotated, exif=exif)
+        assert image_size(rotated) == open_rgb(rotated).size == ((60, 20) if orientation == 3 else (20, 60))
+    assert image_size(plain) == (60, 20)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="broken.png: not a readable image"):
+        image_size(tmp_path / "broken.png")
+    with pytest.raises(InputError, match="gone.png: image not found"):
+        image_size(tmp_path / "gone.png")
 
 
 def test_load_image_gives_the_non_square_size_asked_for(tmp_path):
