@@ -12,6 +12,7 @@ from PIL import Image
 from aaa_core.errors import InputError
 from aaa_core.images import open_rgb
 from aaa_core.limits import MAX_RESOLUTION
+from training.batches import BatchOrder
 from training.buckets import Bucket, assign_bucket, image_size, parse_buckets, wide_and_tall
 from training.data import load_image
 
@@ -108,3 +109,90 @@ def test_load_image_gives_the_non_square_size_asked_for(tmp_path):
     assert abs(pixels[:, :, 0].mean() + 2 / 3) < 0.05 and abs(pixels[:, :, -1].mean() - 2 / 3) < 0.05
     tall = load_image(path, 32, 64, torch.float32)
     assert tall.shape == (3, 64, 32) and abs(tall.mean().item()) < 0.05  # the centre column band, mid-grey on average
+
+
+def _todays_indices(num_samples, batch_size, rank, world_size, seed, micro_step):
+    """The order before buckets (one stream of epoch permutations), copied here to pin the single-bucket case."""
+    start = (micro_step * world_size + rank) * batch_size
+    out = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_samples)
+        out.append(torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[offset].item())
+    return out
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("num_samples, batch_size, world_size, seed", [(10, 3, 2, 7), (5, 4, 3, 0), (37, 8, 1, 123), (64, 2, 4, 2**32 - 1)])
+def test_one_bucket_gives_exactly_the_order_before_buckets(num_samples, batch_size, world_size, seed):
+    ids = torch.zeros(num_samples, dtype=torch.long)
+    for rank in range(world_size):
+        order = BatchOrder(ids, batch_size, rank, world_size, seed, CPU)
+        for micro_step in (*range(12), 57, 1000):
+            assert order.bucket(micro_step) == 0
+            assert order.indices(micro_step).tolist() == _todays_indices(num_samples, batch_size, rank, world_size, seed, micro_step)
+
+
+def _uneven_buckets():
+    """Four buckets of 2, 0 (empty), 13 and 30 samples, interleaved."""
+    ids = torch.tensor([3, 0, 2] * 10 + [2] * 3 + [0], dtype=torch.long)
+    ids[::4] = 3
+    return ids
+
+
+def test_every_micro_batch_comes_from_one_bucket_on_every_process():
+    ids, batch_size, world = _uneven_buckets(), 3, 2
+    orders = [BatchOrder(ids, batch_size, rank, world, seed=5, device=CPU) for rank in range(world)]
+    seen = set()
+    for micro_step in range(3 * orders[0].round_length):
+        bucket = orders[0].bucket(micro_step)
+        seen.add(bucket)
+        for order in orders:
+            assert order.bucket(micro_step) == bucket
+            batch = order.indices(micro_step)
+            assert batch.shape == (batch_size,) and (ids[batch] == bucket).all()
+    assert seen == set(ids.tolist()) and 1 not in seen  # the empty bucket is never drawn
+
+
+def test_one_round_shows_every_sample_and_visits_buckets_in_proportion():
+    ids, batch_size, world = _uneven_buckets(), 2, 3
+    group = batch_size * world
+    orders = [BatchOrder(ids, batch_size, rank, world, seed=11, device=CPU) for rank in range(world)]
+    sizes = torch.bincount(ids)
+    round_length = orders[0].round_length
+    assert round_length == sum(math.ceil(n / group) for n in sizes.tolist())
+    batches = [torch.cat([order.indices(m) for order in orders]) for m in range(round_length)]
+    shown = torch.cat(batches)
+    assert set(shown.tolist()) == set(range(len(ids)))  # nothing left out
+    per_bucket = torch.bincount(ids[shown], minlength=len(sizes))
+    assert per_bucket.tolist() == [math.ceil(n / group) * group for n in sizes.tolist()]
+    # Rounds are shuffled afresh: not the same bucket sequence twice in a row.
+    order = orders[0]
+    assert [order.bucket(m) for m in range(round_length)] != [order.bucket(m) for m in range(round_length, 2 * round_length)]
+
+
+def test_the_bucketed_order_is_a_pure_function_of_seed_and_step():
+    ids = _uneven_buckets()
+    used = BatchOrder(ids, 4, 1, 2, seed=3, device=CPU)
+    for micro_step in range(80):  # walks past several epochs and rounds, so the caches are pruned
+        used.indices(micro_step)
+    fresh = BatchOrder(ids, 4, 1, 2, seed=3, device=CPU)
+    assert torch.equal(fresh.indices(57), used.indices(57)) and fresh.bucket(57) == used.bucket(57)
+    other_seed = BatchOrder(ids, 4, 1, 2, seed=4, device=CPU)
+    assert [other_seed.bucket(m) for m in range(20)] != [fresh.bucket(m) for m in range(20)]
+    assert fresh.epoch(10) == 10 * 4 * 2 / len(ids)
+
+
+def test_processes_share_a_micro_batch_without_overlap():
+    """Buckets of whole multiples of G never straddle an epoch inside a micro-batch, so no sample repeats there.
+
+    (A micro-batch across an epoch boundary may hold a sample twice, as the order before buckets did.)
+    """
+    ids = torch.tensor([0] * 12 + [1] * 18 + [2] * 4, dtype=torch.long)[torch.randperm(34, generator=torch.Generator().manual_seed(0))]
+    batch_size, world = 2, 3
+    orders = [BatchOrder(ids, batch_size, rank, world, seed=1, device=CPU) for rank in range(world)]
+    for micro_step in range(4 * orders[0].round_length):
+        batch = torch.cat([order.indices(micro_step) for order in orders])
+        if orders[0].bucket(micro_step) != 2:  # bucket 2 is smaller than a micro-batch: it must repeat
+            assert len(set(batch.tolist())) == batch_size * world
