@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -10,11 +11,17 @@ import torch
 from PIL import Image
 
 from aaa_core.errors import InputError
-from aaa_core.images import open_rgb
+from aaa_core.dit import load_dit
+from aaa_core.images import open_rgb, tensor_to_pil
 from aaa_core.limits import MAX_RESOLUTION
+from aaa_core.pipeline import decode_latents
+from aaa_core.sampling import make_noise, sample
+from aaa_core.vae import load_vae
+from tiny_models import save_tiny_dit, save_tiny_vae
 from training.batches import BatchOrder
 from training.buckets import Bucket, assign_bucket, image_size, parse_buckets, wide_and_tall
 from training.data import load_image
+from training.samples import render_grid, tile, write_prompt_list
 
 
 def test_square_is_the_one_resolution_bucket():
@@ -196,3 +203,30 @@ def test_processes_share_a_micro_batch_without_overlap():
         batch = torch.cat([order.indices(micro_step) for order in orders])
         if orders[0].bucket(micro_step) != 2:  # bucket 2 is smaller than a micro-batch: it must repeat
             assert len(set(batch.tolist())) == batch_size * world
+
+
+def test_sample_grid_adds_the_first_prompt_wide_and_tall_in_a_row_below(tmp_path):
+    dit = load_dit(save_tiny_dit(tmp_path / "dit.safetensors"))
+    vae = load_vae(save_tiny_vae(tmp_path / "vae.safetensors"))
+    prompts, negative = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 32)
+    render = functools.partial(render_grid, dit, vae, prompts, negative, resolution=16, steps=2, cfg=4.0, seed=3)
+    plain = render()
+    # Without extra sizes: the grid as before buckets (both prompts in one batch, prompt i with seed + i, tiled).
+    latents = sample(dit, make_noise(3, 2, 1, 1), prompts, negative[None], 2, 4.0)
+    assert np.array_equal(np.asarray(plain), np.asarray(tile(tensor_to_pil(decode_latents(vae, latents)))))
+
+    grid = np.asarray(render(extra_sizes=[(32, 16), (16, 32)]))
+    assert grid.shape == (16 + 32, 16 + 32, 3)  # the 32x16 grid, then a 32x16 and a 16x32 image under it
+    assert np.array_equal(grid[:16, :32], np.asarray(plain))  # the square cells untouched
+    assert (grid[:16, 32:] == 255).all() and (grid[32:, :32] == 255).all()  # white where no image is
+    assert not (grid[16:32, :32] == 255).all() and not (grid[16:, 32:] == 255).all()
+    # Prompt 0's own seed: at the square size the extra image is grid cell 0 (up to batch-size rounding).
+    same = np.asarray(render(extra_sizes=[(16, 16)])).astype(int)
+    assert np.abs(same[16:, :16] - same[:16, :16]).max() <= 2
+
+
+def test_prompt_list_names_the_wide_and_tall_images(tmp_path):
+    path = tmp_path / "prompts.txt"
+    write_prompt_list(path, ["a cat", "a dog"], 7, extra_sizes=wide_and_tall(parse_buckets("aspect", 256)))
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        "cell 0 (seed 7): a cat", "cell 1 (seed 8): a dog", "wide 352x176 (seed 7): a cat", "tall 176x352 (seed 7): a cat"]
