@@ -20,6 +20,7 @@ from aaa_core.vae import load_vae
 from tiny_models import save_tiny_dit, save_tiny_vae
 from training.batches import BatchOrder
 from training.buckets import Bucket, assign_bucket, image_size, parse_buckets, wide_and_tall
+from training.config import parse_config
 from training.data import load_image
 from training.samples import render_grid, tile, write_prompt_list
 
@@ -45,6 +46,14 @@ def test_aspect_buckets_keep_the_area_and_span_1_to_2_through_2_to_1(resolution)
     assert set(buckets) == {Bucket(b.height, b.width) for b in buckets}  # tall shapes mirror the wide ones
     wide, tall = wide_and_tall(buckets)
     assert wide == (buckets[-1].width, buckets[-1].height) and tall == (wide[1], wide[0]) and wide[0] > wide[1]
+
+
+def test_the_buckets_option_is_checked_at_start_and_recorded(tmp_path):
+    cfg = parse_config(["--data", "x", "--buckets", "aspect", "--resolution", "512"])
+    assert cfg.buckets == "aspect" and 'buckets = "aspect"' in cfg.to_toml().splitlines()
+    assert parse_config(["--data", "x"]).buckets == "square"
+    with pytest.raises(InputError, match="^buckets 'tall': 'tall' is not WIDTHxHEIGHT"):
+        parse_config(["--data", "x", "--buckets", "tall"])
 
 
 def test_explicit_bucket_lists_keep_their_order():
