@@ -72,6 +72,7 @@ def test_explicit_bucket_lists_keep_their_order():
         ("512x250", "'512x250' has a side of 250"),
         ("0x16", "'0x16' has a side of 0"),
         (f"{MAX_RESOLUTION + 16}x16", f"has a side of {MAX_RESOLUTION + 16}"),
+        ("16x" + "1" * 5000, "has a side of 1111"),  # too long for int(): still one line
         ("512x256,256x512,512x256", "512x256 listed more than once"),
     ],
 )

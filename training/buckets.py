@@ -63,11 +63,10 @@ def _parse_size(part: str, spec: str) -> Bucket:
     match = re.fullmatch(r"(\d+)x(\d+)", part, re.ASCII)
     if match is None:
         raise InputError(f"buckets {spec!r}: {part!r} is not WIDTHxHEIGHT; {SPEC_HELP}")
-    width, height = int(match[1]), int(match[2])
-    for side in (width, height):
-        if side <= 0 or side % SIDE_MULTIPLE or side > MAX_RESOLUTION:
+    for side in match.groups():  # the length first: int() refuses thousands of digits with a traceback
+        if len(side) > len(str(MAX_RESOLUTION)) or int(side) % SIDE_MULTIPLE or not 0 < int(side) <= MAX_RESOLUTION:
             raise InputError(f"buckets {spec!r}: {part!r} has a side of {side}; {SPEC_HELP}")
-    return Bucket(width, height)
+    return Bucket(int(match[1]), int(match[2]))
 
 
 def aspect_buckets(resolution: int) -> list[Bucket]:
