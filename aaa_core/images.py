@@ -7,9 +7,11 @@ truncate (not round) to uint8 on the way out, so our images match its pixels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,17 +36,33 @@ def open_rgb(path: "str | os.PathLike[str]") -> Image.Image:
     Raises ``InputError`` naming the file when it is missing, unreadable, not a regular file, too
     large to open safely (PIL's decompression-bomb guard) or holds non-finite values.
     """
+    with image_file_errors(path), Image.open(path) as source:
+        source.load()
+        _log_if_large(path, source)
+        top = _nominal_max(source)  # before the transpose, which drops the TIFF tags
+        image = ImageOps.exif_transpose(source)
+    if top is not None:
+        image = _scale_to_8_bits(image, top, path)
+    try:
+        return image.convert("RGB")
+    except ValueError as err:  # a mode PIL cannot convert, e.g. "La"
+        raise InputError(f"{path}: image mode {image.mode} cannot be converted to RGB ({err})") from None
+
+
+@contextlib.contextmanager
+def image_file_errors(path: "str | os.PathLike[str]") -> Iterator[None]:
+    """Turns what opening and decoding ``path`` with PIL can raise into one-line ``InputError`` naming the file.
+
+    Refuses special files (FIFOs, devices) before PIL blocks on them, and silences PIL's
+    DecompressionBombWarning (``open_rgb`` logs large images as one line instead).
+    """
     kind = special_file_kind(path)
     if kind is not None:
         raise InputError(not_a_file_message(path, kind, "an image file"))
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # logged below as one line
-            with Image.open(path) as source:
-                source.load()
-                _log_if_large(path, source)
-                top = _nominal_max(source)  # before the transpose, which drops the TIFF tags
-                image = ImageOps.exif_transpose(source)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
     except FileNotFoundError:
         raise InputError(f"{path}: image not found") from None
     except (PermissionError, IsADirectoryError) as err:
@@ -53,12 +71,6 @@ def open_rgb(path: "str | os.PathLike[str]") -> Image.Image:
         raise InputError(f"{path}: too large to open safely ({str(err).rstrip('.')}); downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:  # PIL raises all of these for bad files
         raise InputError(f"{path}: not a readable image ({err})") from None
-    if top is not None:
-        image = _scale_to_8_bits(image, top, path)
-    try:
-        return image.convert("RGB")
-    except ValueError as err:  # a mode PIL cannot convert, e.g. "La"
-        raise InputError(f"{path}: image mode {image.mode} cannot be converted to RGB ({err})") from None
 
 
 # Modes holding more than 8 bits per value. PIL's convert("RGB") clips them to 255 instead of

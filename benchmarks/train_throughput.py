@@ -73,7 +73,7 @@ def ours(args: argparse.Namespace, device: torch.device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.01, fused=cuda)
     schedule = TrainingSchedule.flux2()
     schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
-    order = BatchOrder(CACHED_SAMPLES, args.batch_size, 0, 1, 0, device)
+    order = BatchOrder(torch.zeros(CACHED_SAMPLES, dtype=torch.long), args.batch_size, 0, 1, 0, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     counter = iter(range(10**9))
 

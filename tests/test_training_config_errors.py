@@ -25,6 +25,7 @@ from training.train import main as train_main
     (["--seed", str(2**40)], f"seed {2**40} must be between 0 and 4294967295"),
     (["--sample-seed", "-5"], "sample_seed -5 must be between 0 and 18446744073709551615"),
     (["--resolution", "99984"], "resolution 99984 is above the maximum of 8192"),
+    (["--buckets", "512x250,256x256"], "buckets '512x250,256x256': '512x250' has a side of 250; use 'square', 'aspect' or"),
     (["--sample-steps", "100000"], "sample_steps 100000 is above the maximum of 10000"),
     (["--num-validation-prompts", "0"], "num_validation_prompts 0 must be at least 1 when samples are drawn"),
     (["--validation-prompts", "a\x00b"], "validation_prompts[0]: character 1 is a NUL character"),

@@ -310,7 +310,7 @@ def _encode_images(images, keys, cache, vae_path, device, batch_size, stats, mai
             chunk, pixels = [], []
             for image in images[start : start + batch_size]:
                 try:
-                    pixels.append(load_image(image, cache.resolution, cache.dtype))
+                    pixels.append(load_image(image, cache.resolution, cache.resolution, cache.dtype))
                     chunk.append(image)
                 except InputError as err:  # counted as skipped once all shares are done
                     failures[image] = str(err).removeprefix(f"{image}: ")

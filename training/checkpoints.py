@@ -50,8 +50,9 @@ STATE_FORMAT = 2
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Options that change the numbers a resumed run computes; a change is allowed but warned about.
 RESUME_SENSITIVE = (
-    "resolution", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps", "seed",
+    "resolution", "buckets", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_eps", "warmup", "warmup_steps", "max_grad_norm", "ema_decay", "precision", "reference_timesteps",
+    "seed",
 )  # the LoRA options must not change at all (lora.check_state_kind)
 
 

@@ -22,6 +22,8 @@ from aaa_core.errors import InputError
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
+from .buckets import parse_buckets
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10 has no tomllib; tomli is the same parser (pip install tomli)
@@ -49,7 +51,11 @@ class TrainConfig:
     # --- data -----------------------------------------------------------------------------
     data: str = option("", "training images: a folder with metadata.csv (columns image, prompt), a .csv file, "
                        "or a folder of images with same-named .txt captions", DATA)
-    resolution: int = option(256, "training size in pixels (square; resize to cover, then centre-crop); a multiple of 16", DATA)
+    resolution: int = option(256, "training size in pixels, a multiple of 16: the side of the square images (resize to cover, "
+                             "then centre-crop), or with --buckets aspect the area R x R each shape keeps", DATA)
+    buckets: str = option("square", "image shapes: 'square' (every image cropped to R x R), 'aspect' (shapes of about R x R "
+                          "pixels from 1:2 to 2:1; each image goes to the one nearest its aspect ratio, so less is cropped) "
+                          "or a list of WIDTHxHEIGHT sizes such as 512x256,256x512,384x384 (multiples of 16)", DATA)
     cache_dir: str = option("", "where encoded latents and prompt embeddings are kept (default: OUTPUT_DIR/cache); "
                             "share it between runs on the same data", DATA)
     encode_batch_size: int = option(8, "images or prompts per VAE / text-encoder call while filling the cache", DATA)
@@ -168,6 +174,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        parse_buckets(self.buckets, self.resolution)  # a bad list fails now, not after the data is encoded
         check_text("negative_prompt", self.negative_prompt)  # the prompts the samples render, as the CLI checks its own
         for index, prompt in enumerate(self.validation_prompts):
             check_text(f"validation_prompts[{index}]", prompt)

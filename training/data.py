@@ -136,12 +136,12 @@ def _from_caption_files(folder: Path) -> tuple[list[Sample], list[Skipped]]:
 PREPROCESS_VERSION = "open_rgb-alpha-dropped-high-bit-scaled+resize_cover-bilinear+centre-crop/2"
 
 
-def load_image(path: Path, resolution: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(3, R, R)`` pixels in [-1, 1]: read as ComfyUI's Load Image does, resized to cover, centre-cropped.
+def load_image(path: Path, width: int, height: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(3, height, width)`` pixels in [-1, 1]: read as ComfyUI's Load Image does, resized to cover, centre-cropped.
 
     Raises ``InputError`` naming the file if it is not a readable image (or too large to open).
     """
-    image = resize_cover(open_rgb(path), resolution, resolution)
+    image = resize_cover(open_rgb(path), width, height)
     return pil_to_tensor(image, dtype)[0]
 
 

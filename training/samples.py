@@ -1,7 +1,8 @@
 """Validation images: fixed prompts and seeds rendered during training, so a user sees the model learn.
 
 Sampling is ``aaa_core.sampling.sample`` (the reference's Euler sampler with CFG, section 8 of
-docs/diffsynth-aaa.md) followed by a VAE decode; prompt ``i`` always uses noise seed ``seed + i``.
+docs/diffsynth-aaa.md) followed by a VAE decode; prompt ``i`` always uses noise seed ``seed + i``,
+and the wide and tall images of a bucketed run show prompt 0 with seed ``seed``.
 The prompt embeddings come from the cache, so the text encoder is never loaded for this.
 """
 
@@ -11,7 +12,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -37,16 +38,21 @@ def render_grid(
     seed: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     should_stop: Callable[[], bool] = lambda: False,
+    extra_sizes: Sequence[tuple[int, int]] = (),
 ) -> Image.Image | None:
-    """Renders one image per prompt embedding ``(P, L, D)`` and tiles them.
+    """Renders one square image per prompt embedding ``(P, L, D)`` and tiles them.
 
+    ``extra_sizes`` ((width, height) pixels, e.g. the widest and tallest bucket) add the first
+    prompt at each size, with its seed, in a row under the grid: one prompt compared across shapes.
     None if stopped midway, or if the numbers overflowed (a warning says why): a bad sample
     grid is no reason to end the run, and a black grid is no reason to save one.
     """
     device = next(model.parameters()).device
     dtype = torch.float32 if next(model.parameters()).dtype == torch.float32 else torch.bfloat16
-    side = resolution // vae.downscale_factor
-    noise = make_noise(seed, len(prompts), side, side, dtype, device)
+    factor = vae.downscale_factor
+    side = resolution // factor
+    batches = [(make_noise(seed, len(prompts), side, side, dtype, device), prompts)]
+    batches += [(make_noise(seed, 1, height // factor, width // factor, dtype, device), prompts[:1]) for width, height in extra_sizes]
 
     def stop_check(done: int, total: int, x0: torch.Tensor) -> None:
         if should_stop():
@@ -55,9 +61,11 @@ def render_grid(
     was_training = model.training
     model.eval()
     try:
-        with autocast():
-            latents = sample(model, noise, prompts.to(device), negative[None].to(device), steps, cfg, callback=stop_check)
-        images = tensor_to_pil(decode_latents(vae, latents))
+        rendered = []
+        for noise, embeds in batches:
+            with autocast():
+                latents = sample(model, noise, embeds.to(device), negative[None].to(device), steps, cfg, callback=stop_check)
+            rendered.append(tensor_to_pil(decode_latents(vae, latents)))
     except _Stopped:
         return None
     except ComputeError as err:
@@ -65,7 +73,8 @@ def render_grid(
         return None
     finally:
         model.train(was_training)
-    return tile(images)
+    grid = tile(rendered[0])
+    return with_row_below(grid, [images[0] for images in rendered[1:]]) if extra_sizes else grid
 
 
 class _Stopped(Exception):
@@ -83,6 +92,18 @@ def tile(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
+def with_row_below(grid: Image.Image, images: list[Image.Image]) -> Image.Image:
+    """``images`` left to right under ``grid``, each at its own size, on white."""
+    width = max(grid.width, sum(image.width for image in images))
+    both = Image.new("RGB", (width, grid.height + max(image.height for image in images)), (255, 255, 255))
+    both.paste(grid, (0, 0))
+    left = 0
+    for image in images:
+        both.paste(image, (left, grid.height))
+        left += image.width
+    return both
+
+
 def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     """Two grids of the same size next to each other, with a white gap between them."""
     gap = max(2, left.width // 64)
@@ -92,9 +113,19 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     return both
 
 
-def write_prompt_list(path: Path, prompts: list[str], seed: int, beside_base: bool = False) -> None:
-    """``samples/prompts.txt``: which prompt and seed each grid cell shows (and, for a LoRA, which half is which)."""
+def write_prompt_list(
+    path: Path, prompts: list[str], seed: int, beside_base: bool = False, extra_sizes: Sequence[tuple[int, int]] = (),
+) -> None:
+    """``samples/prompts.txt``: which prompt and seed each grid cell shows (and, for a LoRA, which half is which).
+
+    The images of ``extra_sizes`` (the row under the grid) show the first prompt with its seed.
+    """
     lines = ["left grid: the base model; right grid: the base with the LoRA (same cells)"] if beside_base else []
     lines += [f"cell {i} (seed {seed + i}): {prompt}" for i, prompt in enumerate(prompts)]
+    lines += [f"{_shape_name(w, h)} {w}x{h} (seed {seed}): {prompts[0]}" for w, h in extra_sizes]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _shape_name(width: int, height: int) -> str:
+    return "wide" if width > height else "tall" if height > width else "square"

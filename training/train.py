@@ -196,7 +196,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         schedule = TrainingSchedule.flux2()
         # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
         schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
-        order = BatchOrder(len(data), cfg.batch_size, rank, world, cfg.seed, data.image_index.device)
+        order = BatchOrder(torch.zeros(len(data), dtype=torch.long), cfg.batch_size, rank, world, cfg.seed, data.image_index.device)
         samples_per_step = cfg.batch_size * cfg.grad_accum * world
         total_steps = _total_steps(cfg, len(data), samples_per_step)
         flops_per_sample = training_flops_per_sample(unwrapped, latent_h * latent_w, text_tokens, frozen=lora is not None)
