@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-import training.cache
+import training.encoding
 import training.train
 from aaa_core.checkpoint import read_header, read_safetensors
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
@@ -223,8 +223,8 @@ def test_cache_is_reused_and_only_changed_entries_are_reencoded(models, tmp_path
             return loader(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(training.cache, "load_vae", counting("vae", training.cache.load_vae))
-    monkeypatch.setattr(training.cache, "load_text_encoder", counting("text", training.cache.load_text_encoder))
+    monkeypatch.setattr(training.encoding, "load_vae", counting("vae", training.encoding.load_vae))
+    monkeypatch.setattr(training.encoding, "load_text_encoder", counting("text", training.encoding.load_text_encoder))
 
     first = run(models, data, tmp_path / "a", "--max-steps", 1, cache=cache).cache
     assert (first.images_encoded, first.prompts_encoded) == (7, 8)  # 7 readable images, 8 captions (no sampling)

@@ -61,7 +61,14 @@ class TrainConfig:
     encode_batch_size: int = option(8, "images or prompts per VAE / text-encoder call while filling the cache", DATA)
     encoder_dtype: str = option("auto", "dtype of the frozen VAE and text encoder and of the cache: auto (bf16 on GPU "
                                 "like the reference, fp32 on CPU), bf16 or fp32", DATA, choices=["auto", "bf16", "fp32"])
-    cache_on_device: bool = option(True, "keep the whole encoded data set on the GPU (fast; turn off for very large data sets)", DATA)
+    cache_on_device: bool = option(True, "with the data set in memory, keep it on the GPU when it takes at most a quarter "
+                                   "of the free GPU memory (fast); off: in host memory", DATA)
+    data_loading: str = option("auto", "how training reads the encoded data set: memory (all of it in memory, fastest), "
+                               "shards (packed once into CACHE_DIR/packed, read by --data-workers: memory stays flat for "
+                               "data sets of any size), auto (memory if it takes at most a quarter of the available "
+                               "memory per process, else shards). Both give the same training", DATA, choices=["auto", "memory", "shards"])
+    data_workers: int = option(2, "DataLoader worker processes per training process reading the shards (0: the "
+                               "training process reads them itself)", DATA)
 
     # --- models ---------------------------------------------------------------------------
     init_from: str = option("", "AAADiT .safetensors to fine-tune (its sizes are read from the file; 'published' "
@@ -167,6 +174,8 @@ class TrainConfig:
             (min(self.weight_decay, self.max_grad_norm, self.peak_flops) >= 0,
              "weight_decay, max_grad_norm and peak_flops must not be negative"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
+            (self.data_loading in ("auto", "memory", "shards"), f"data_loading {self.data_loading!r}: use auto, memory or shards"),
+            (self.data_workers >= 0, f"data_workers {self.data_workers} must not be negative"),
             (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
             (self.sample_every == 0 or self.validation_prompts or self.num_validation_prompts >= 1,
              f"num_validation_prompts {self.num_validation_prompts} must be at least 1 when samples are drawn (or set sample_every 0)"),

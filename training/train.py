@@ -49,17 +49,20 @@ from aaa_core import downloads
 from aaa_core.outputs import atomic_output
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
 from aaa_core.errors import AAAError, InputError, ways_out
+from aaa_core.sampling import LATENT_CHANNELS
 from aaa_core.scheduler import TrainingSchedule
 from aaa_core.vae import load_vae
 
 from .batches import BatchOrder
-from .cache import CacheStats, EncodingCache, cache_dir_for, encode_dataset, encoder_dtype_for
+from .buckets import parse_buckets, wide_and_tall
+from .cache import CacheStats, EncodingCache, cache_dir_for, encoder_dtype_for
 from .checkpoints import (
     SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
     write_text_atomic,
 )
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
+from .dataset import Loading, load_training_data, plan_data
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
@@ -119,19 +122,17 @@ def train(cfg: TrainConfig) -> TrainSummary:
             vae_path, text_encoder_path, init_path = files["vae"], files["text_encoder"], files.get("dit")
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
-        data, unreadable = encode_dataset(  # the sample prompts are cached too: sampling never loads Qwen3
-            samples, prompts + [cfg.negative_prompt] if cfg.sample_every else [], cache, vae_path, text_encoder_path, device,
-            cfg.encode_batch_size, rank, world, barrier, stop,
-        )
+        buckets = parse_buckets(cfg.buckets, cfg.resolution)
+        # The sample prompts are cached too: sampling never loads Qwen3.
+        plan = plan_data(samples, prompts + [cfg.negative_prompt] if cfg.sample_every else [], cache, buckets, is_main, barrier)
+        loading = Loading(cfg.data_loading, device, cfg.cache_on_device, cfg.data_workers, cfg.encode_batch_size,
+                          rank, world, barrier, stop)
+        data, unreadable = load_training_data(plan, cache, vae_path, text_encoder_path, loading)
         skipped += unreadable
         if is_main:
             report_skipped(skipped, len(samples) + len(skipped) - len(unreadable))
-        if cfg.cache_on_device:
-            data = data.to(device)
-        _, latent_channels, latent_h, latent_w = data.latents.shape
-        text_tokens, text_dim = data.text.shape[1:]
-        log.info("data: %d samples (%d images, %d distinct prompts), latents %dx%dx%d, prompts %dx%d",
-                 len(data), len(data.latents), len(data.text), latent_channels, latent_h, latent_w, text_tokens, text_dim)
+        text_tokens, text_dim = data.text_shape
+        log.info("data: %d samples (%s), prompts %dx%d, %s", len(data), data.bucket_counts(), text_tokens, text_dim, data.describe())
 
         # ------------------------------------------------------------ model
         if cfg.resume and state is None:
@@ -145,11 +146,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
             model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
             log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
         else:
-            model = AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=latent_channels, text_dim=text_dim))
-        if (model.config.latent_channels, model.config.text_dim) != (latent_channels, text_dim):
+            model = AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=text_dim))
+        if (model.config.latent_channels, model.config.text_dim) != (LATENT_CHANNELS, text_dim):
             raise InputError(
                 f"the DiT takes {model.config.latent_channels}-channel latents and {model.config.text_dim}-wide prompts, "
-                f"but the encoders give {latent_channels} and {text_dim}"
+                f"but the encoders give {LATENT_CHANNELS} and {text_dim}"
             )
         model.gradient_checkpointing = cfg.gradient_checkpointing
         model.to(device=device, dtype=compute_dtype)
@@ -196,10 +197,12 @@ def train(cfg: TrainConfig) -> TrainSummary:
         schedule = TrainingSchedule.flux2()
         # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
         schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
-        order = BatchOrder(torch.zeros(len(data), dtype=torch.long), cfg.batch_size, rank, world, cfg.seed, data.image_index.device)
+        order = BatchOrder(data.bucket_ids, cfg.batch_size, rank, world, cfg.seed, data.bucket_ids.device)
         samples_per_step = cfg.batch_size * cfg.grad_accum * world
         total_steps = _total_steps(cfg, len(data), samples_per_step)
-        flops_per_sample = training_flops_per_sample(unwrapped, latent_h * latent_w, text_tokens, frozen=lora is not None)
+        batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
+        image_tokens = (cfg.resolution // 16) ** 2  # every bucket holds about as many
+        flops_per_sample = training_flops_per_sample(unwrapped, image_tokens, text_tokens, frozen=lora is not None)
         flops_per_step = flops_per_sample * cfg.batch_size * cfg.grad_accum
         peak = peak_flops(device, cfg.peak_flops)
         run_name = out.resolve().name
@@ -207,7 +210,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         vae = None  # decoder for the samples, loaded at the first sample grid
         if is_main and cfg.sample_every:
             prompt_embeds = torch.stack([data.extra_prompts[p] for p in prompts])
-            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, beside_base=lora is not None)
+            extra_sizes = wide_and_tall(buckets)  # one prompt at the widest and the tallest bucket too
+            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, lora is not None, extra_sizes)
 
         def save(step: int) -> tuple[Path | None, Path]:
             checkpoint = None
@@ -241,9 +245,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
             while step < total_steps:
                 for micro in range(cfg.grad_accum):
                     micro_step = step * cfg.grad_accum + micro
-                    batch = order.indices(micro_step)
-                    latents = data.latents[data.image_index[batch]].to(device, compute_dtype, non_blocking=True)
-                    text = data.text[data.text_index[batch]].to(device, non_blocking=True)
+                    latents, text = next(batches)
+                    latents = latents.to(device, compute_dtype, non_blocking=True)
+                    text = text.to(device, non_blocking=True)
                     indices, noise = draw_noise(latents, len(schedule.sigmas), step_generator(cfg.seed, micro_step, rank, device))
                     no_sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with no_sync:
@@ -292,6 +296,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                         render = functools.partial(
                             render_grid, vae=vae, prompts=prompt_embeds, negative=data.extra_prompts[cfg.negative_prompt],
                             resolution=cfg.resolution, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.sample_seed,
+                            extra_sizes=extra_sizes,
                             autocast=accelerator.autocast, should_stop=stop)
                         sampled = ema if ema is not None else trained
                         grid = lora.sample_grid(render, sampled) if lora else render(sampled)
