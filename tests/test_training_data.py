@@ -9,7 +9,11 @@ per-entry cache or the encoders.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +24,7 @@ import training.dataset
 import training.encoding
 from aaa_core.checkpoint import read_safetensors
 from aaa_core.dit import load_dit
-from test_training import argv, run, run_interrupted, write_dataset
+from test_training import REPO, argv, run, run_interrupted, write_dataset
 from tiny_models import save_tiny_models
 from training.buckets import assign_bucket, image_size, parse_buckets
 from training.cache import EncodingCache
@@ -146,3 +150,23 @@ def test_a_restart_neither_hashes_nor_opens_unchanged_images(models, tmp_path, m
     touched.clear()
     run(models, data, tmp_path / "c", *options, cache=tmp_path / "cache")
     assert sorted(touched) == [("hash", "img3.png"), ("size", "broken.png"), ("size", "img3.png")]
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_to_the_process_group_still_saves_with_workers_reading(models, dataset, tmp_path, stop_signal):
+    """A terminal's Ctrl-C reaches the DataLoader workers too; the run must still finish its step and save."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "training", *argv(models, dataset, out, "--data-loading", "shards", "--data-workers", 2,
+                                                         "--max-steps", 100_000, "--save-every", 0)]
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "step 3/" in line:
+            os.killpg(process.pid, stop_signal)
+            break
+    output = "".join(lines) + process.stderr.read()
+    process.wait(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "continue with --resume" in output
+    assert len(list((out / "states").glob("step-*"))) == 1

@@ -17,9 +17,11 @@ with either: a run may switch between them on ``--resume``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+import signal
 from itertools import groupby
 from pathlib import Path
 from typing import Callable, Iterator
@@ -200,13 +202,20 @@ class PackedData(TrainingData):
     def batches(self, order: BatchOrder, first: int, last: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
             _MicroBatches(self.reader, order), batch_size=None, sampler=range(first, last), num_workers=self.workers,
-            pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None,
+            pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None, worker_init_fn=_leave_stop_signals_to_trainer,
         )
         yield from loader
 
     def describe(self) -> str:
         return (f"read from {len(self.reader.index.shards)} shard(s) in {self.reader.folder} by "
                 f"{self.workers or 'no'} worker process(es)")
+
+
+def _leave_stop_signals_to_trainer(worker_id: int) -> None:
+    """A terminal's Ctrl-C (and a scheduler's SIGTERM) reach the whole process group: the workers must
+    keep reading while the training process finishes its step and saves; they end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _MicroBatches(torch.utils.data.Dataset):
@@ -249,11 +258,12 @@ def load_training_data(
         mode = "memory" if needed <= MEMORY_FRACTION * available else "shards"
         log.info("data: %s (the encoded set takes %.1f GB, %.1f GB available per process)",
                  "held in memory" if mode == "memory" else "packed into shards on disk", needed / 1e9, available / 1e9)
-    fill = lambda entries, prompts, keep: fill_cache(  # noqa: E731  (one call site per holder, same arguments)
-        entries, prompts, cache, vae_path, text_encoder_path, how.device, how.encode_batch_size,
-        how.rank, how.world_size, how.barrier, how.should_stop, keep)
+    fill = functools.partial(  # fill(entries, prompts, keep=...): the same pass for either holder
+        fill_cache, cache=cache, vae_path=vae_path, text_encoder_path=text_encoder_path, device=how.device,
+        batch_size=how.encode_batch_size, rank=how.rank, world_size=how.world_size, barrier=how.barrier,
+        should_stop=how.should_stop)
     if mode == "memory":
-        data, skipped = _in_memory(plan, fill(plan.latent_entries(), plan.prompts(), True), cache, how)
+        data, skipped = _in_memory(plan, fill(plan.latent_entries(), plan.prompts(), keep=True), cache, how)
     else:
         data, skipped = _packed(plan, fill, cache, how)
     return data, plan.unreadable + skipped
@@ -305,18 +315,18 @@ def _in_memory(plan: DataPlan, filled: FilledCache, cache: EncodingCache, how: L
     return data, _as_skipped(left_out)
 
 
-def _packed(plan: DataPlan, fill, cache: EncodingCache, how: Loading) -> tuple[PackedData, list[Skipped]]:
+def _packed(plan: DataPlan, fill: Callable[..., FilledCache], cache: EncodingCache, how: Loading) -> tuple[PackedData, list[Skipped]]:
     folder = cache.root / "packed" / plan.pack_id()
     index = read_index(folder)
     stats = CacheStats()
     if index is None:  # packed once; later runs over the same data read neither the entries nor the encoders
-        filled = fill(plan.latent_entries(), plan.prompts(), False)
+        filled = fill(plan.latent_entries(), plan.prompts(), keep=False)
         stats = filled.stats
         _write_pack(plan, *_split(plan, filled), cache, folder, how)
         index = read_index(folder)
         if index is None:
             raise InputError(f"{folder}: the packed data set could not be read back after writing it; see the messages above")
-    extras = fill([], plan.extra_prompts, True)  # the sample grids' prompts, held in memory (a few)
+    extras = fill([], plan.extra_prompts, keep=True)  # the sample grids' prompts, held in memory (a few)
     left_out = {image for image, _ in index.skipped}
     used = [i for i, s in enumerate(plan.samples) if str(s.image) not in left_out]
     reader = ShardReader(folder, index, cache.shape("latents")[0], cache.shape("text"), cache.dtype)
