@@ -23,6 +23,7 @@ from aaa_core.input_files import not_a_file_message, not_utf8_message, special_f
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
 from .buckets import parse_buckets
+from .dataset import LOADINGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,7 +67,7 @@ class TrainConfig:
     data_loading: str = option("auto", "how training reads the encoded data set: memory (all of it in memory, fastest), "
                                "shards (packed once into CACHE_DIR/packed, read by --data-workers: memory stays flat for "
                                "data sets of any size), auto (memory if it takes at most a quarter of the available "
-                               "memory per process, else shards). Both give the same training", DATA, choices=["auto", "memory", "shards"])
+                               "memory per process, else shards). Both give the same training", DATA, choices=list(LOADINGS))
     data_workers: int = option(2, "DataLoader worker processes per training process reading the shards (0: the "
                                "training process reads them itself)", DATA)
 
@@ -174,7 +175,7 @@ class TrainConfig:
             (min(self.weight_decay, self.max_grad_norm, self.peak_flops) >= 0,
              "weight_decay, max_grad_norm and peak_flops must not be negative"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
-            (self.data_loading in ("auto", "memory", "shards"), f"data_loading {self.data_loading!r}: use auto, memory or shards"),
+            (self.data_loading in LOADINGS, f"data_loading {self.data_loading!r}: use one of {', '.join(LOADINGS)}"),
             (self.data_workers >= 0, f"data_workers {self.data_workers} must not be negative"),
             (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
             (self.sample_every == 0 or self.validation_prompts or self.num_validation_prompts >= 1,
