@@ -60,6 +60,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
+from .distributed import check_setup, full_state_dict, sampling_model, shard_like
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
@@ -92,7 +93,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if device.type == "cpu":
         device = torch.device("cpu")  # several CPU processes get "cpu:0", which safetensors does not accept
-    is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
+    is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone  # global main: OUTPUT_DIR is shared
+    check_setup(accelerator, lora=bool(cfg.lora_rank))
     compute_dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     encoder_dtype = encoder_dtype_for(cfg.encoder_dtype, device)
     if use_cuda:
@@ -182,6 +184,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
         trained = lora.adapters if lora else unwrapped
+        ema = shard_like(ema, trained)  # under FSDP each process averages its own slices
 
         # ------------------------------------------------------------ resume
         step = 0
@@ -212,12 +215,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
         def save(step: int) -> tuple[Path | None, Path]:
             checkpoint = None
             weights, kind = (ema, "ema") if ema is not None else (trained, "raw")
+            full_weights = full_state_dict(weights, keep=is_main)  # gathered from every process under FSDP
             if is_main and lora:
                 checkpoint = out / "checkpoints" / f"{run_name}-lora-step-{step:06d}.safetensors"
                 lora.save(weights, checkpoint, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
             elif is_main:
                 checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
-                save_weights(weights.state_dict(), checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
+                save_weights(full_weights, checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
             progress = {
                 "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
                 "data_fingerprint": data.fingerprint, "world_size": world, "lora": lora.settings if lora else None,
@@ -286,6 +290,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     window_start, window_steps = time.perf_counter(), 0
 
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps) and not stopping:
+                    sampled = sampling_model(ema if ema is not None else trained, unwrapped.config, keep=is_main)
                     if is_main:
                         if vae is None:
                             vae = load_vae(vae_path, dtype=encoder_dtype, device=device)
@@ -293,7 +298,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
                             render_grid, vae=vae, prompts=prompt_embeds, negative=data.extra_prompts[cfg.negative_prompt],
                             resolution=cfg.resolution, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.sample_seed,
                             autocast=accelerator.autocast, should_stop=stop)
-                        sampled = ema if ema is not None else trained
                         grid = lora.sample_grid(render, sampled) if lora else render(sampled)
                         if grid is not None:
                             with atomic_output(out / "samples" / f"step-{step:06d}.png") as tmp:
