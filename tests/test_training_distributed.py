@@ -14,13 +14,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from aaa_core.checkpoint import read_safetensors
 from aaa_core.dit import AAADiT, load_dit
+from aaa_core.errors import InputError
 from test_training import REPO, argv, dataset, models  # noqa: F401  (pytest fixtures)
+from training.distributed import check_setup
 from training.state_files import load_tree
 
 # Gradient accumulation, clipping and the EMA all take part; float32 so both runs compute alike.
@@ -112,3 +116,22 @@ def test_fsdp_sharded_two_processes_resume_bit_exactly_and_match_ddp(models, dat
     fsdp, _ = read_safetensors(root / "straight" / "states" / "step-000004" / "model.safetensors")
     ddp, _ = read_safetensors(ddp_runs[0] / "straight" / "states" / "step-000004" / "model.safetensors")
     assert max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < 1e-5
+
+
+def fake_accelerator(distributed_type: DistributedType, fsdp_version: int = 2) -> SimpleNamespace:
+    return SimpleNamespace(distributed_type=distributed_type, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version)),
+                           num_processes=2, device=torch.device("cpu"), is_main_process=True)
+
+
+def test_fsdp1_and_fsdp_lora_are_refused_and_cpu_fsdp_is_said_to_be_ddp(monkeypatch, caplog):
+    with pytest.raises(InputError, match=r"^FSDP version 1 is not supported: set fsdp_version: 2"):
+        check_setup(fake_accelerator(DistributedType.FSDP, fsdp_version=1), lora=False)
+    with pytest.raises(InputError, match=r"^--lora-rank with FSDP: .* launch it without FSDP"):
+        check_setup(fake_accelerator(DistributedType.FSDP), lora=True)
+    check_setup(fake_accelerator(DistributedType.FSDP), lora=False)
+    check_setup(fake_accelerator(DistributedType.MULTI_CPU), lora=True)
+    assert not caplog.records
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what --use_fsdp / an FSDP config sets
+    check_setup(fake_accelerator(DistributedType.MULTI_CPU), lora=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "FSDP was asked for, but accelerate runs these cpu processes as MULTI_CPU without sharding: every process holds the whole model"]

@@ -43,7 +43,7 @@ def check_setup(accelerator: Accelerator, lora: bool) -> None:
         if lora:
             raise InputError("--lora-rank with FSDP: a LoRA run trains a few MB of adapters, which need no sharding; "
                              "launch it without FSDP (accelerate launch --multi_gpu ...)")
-    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.num_processes > 1:
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.is_main_process:
         # accelerate turns FSDP on for GPU-like devices only; CPU processes silently stay DDP (MULTI_CPU).
         log.warning("FSDP was asked for, but accelerate runs these %s processes as %s without sharding: every "
                     "process holds the whole model", accelerator.device.type, accelerator.distributed_type.value)

@@ -8,6 +8,9 @@ runs the processes on the CPU; a second launch on the same machine needs its own
 Several machines (run on each machine with its own --machine_rank; OUTPUT_DIR on a shared disk):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m training --config training/configs/pokemon.toml
+The large presets sharded with FSDP2 (weights, gradients, AdamW and EMA split across the GPUs; the
+checkpoints and states stay full files, so they resume under DDP too; LoRA runs are refused: use DDP):
+    accelerate launch --config_file training/configs/fsdp.yaml --num_processes 8 -m training --config ... --model AAA-XL
 Continue after Ctrl-C, a crash or a time limit (Ctrl-C and SIGTERM save first):
     python -m training --config training/configs/pokemon.toml --resume
 Stop a launched run: signal the training processes, ``pkill -TERM -P LAUNCHER_PID``; they save and
