@@ -100,7 +100,7 @@ def test_fsdp_sharded_two_processes_resume_bit_exactly_and_match_ddp(models, dat
     root = tmp_path
     runs = [argv(models, dataset, root / name, *OPTIONS, *extra, cache=ddp_runs[0] / "cache")
             for name, extra in (("straight", ["--max-steps", 4]), ("split", ["--max-steps", 2]),
-                                ("split", ["--max-steps", 4, "--resume"]))]
+                                ("split", ["--max-steps", 4, "--resume", "--sample-every", 4]))]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(REPO / "tests" / "fsdp_child.py")]
     for i, run in enumerate(runs):
@@ -112,6 +112,7 @@ def test_fsdp_sharded_two_processes_resume_bit_exactly_and_match_ddp(models, dat
         part, total = (int(n) for n in line.split("holds ")[1].split(" parameter")[0].split(" of "))
         assert 0 < part < total
     assert_same_final_state(root / "straight", root / "split")
+    assert (root / "split" / "samples" / "step-000004.png").is_file()  # sampled from the EMA gathered to the main process
     # Sharding changes where the numbers live, not the training: the FSDP run ends where DDP ends.
     fsdp, _ = read_safetensors(root / "straight" / "states" / "step-000004" / "model.safetensors")
     ddp, _ = read_safetensors(ddp_runs[0] / "straight" / "states" / "step-000004" / "model.safetensors")
