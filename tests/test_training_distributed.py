@@ -121,7 +121,8 @@ def test_fsdp_sharded_two_processes_resume_bit_exactly_and_match_ddp(models, dat
 
 
 def fake_accelerator(distributed_type: DistributedType, fsdp_version: int = 2) -> SimpleNamespace:
-    return SimpleNamespace(distributed_type=distributed_type, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version)),
+    plugin = SimpleNamespace(fsdp_version=fsdp_version)
+    return SimpleNamespace(distributed_type=distributed_type, state=SimpleNamespace(fsdp_plugin=plugin),
                            num_processes=2, device=torch.device("cpu"), is_main_process=True)
 
 

@@ -5,7 +5,7 @@ One GPU (or the CPU):
 Several GPUs on one machine (accelerate/DDP does the distribution; nothing else changes; --device cpu
 runs the processes on the CPU; a second launch on the same machine needs its own --main_process_port):
     accelerate launch --multi_gpu --num_processes 8 -m training --config training/configs/pokemon.toml
-Several machines (run on each machine with its own --machine_rank; OUTPUT_DIR on a shared disk):
+Several machines (on each machine with its own --machine_rank; OUTPUT_DIR and any --cache-dir on a shared disk):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m training --config training/configs/pokemon.toml
 The large presets sharded with FSDP2 (weights, gradients, AdamW and EMA split across the GPUs; the
