@@ -22,6 +22,7 @@ loadable file (for example the raw weights of an EMA run).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -38,6 +39,7 @@ from aaa_core.outputs import atomic_output, temp_path_for
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
 
+from .distributed import full_optimizer_state, full_state_dict, load_full_state_dict, load_optimizer_state
 from .state_files import DAMAGED, load_tree, read_state_tensors, save_tree
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ def save_state(
     """Writes a complete training state (called on every process), then keeps this run's newest ``keep``.
 
     ``progress`` must hold the ``run_id``: pruning and replacing touch only that run's states.
+    Sharded (FSDP) weights and moments are gathered from every process and written full by rank 0.
     """
     run_id = progress["run_id"]
     final = states_dir / f"step-{step:06d}"
@@ -130,11 +133,14 @@ def save_state(
         tmp.mkdir(parents=True)
     barrier()
     save_tree(_rng_state(), tmp / f"rng-rank{rank}.safetensors")
+    weights = full_state_dict(model, keep=rank == 0)
+    ema_weights = full_state_dict(ema, keep=rank == 0) if ema is not None else None
+    optimizer_state = full_optimizer_state(optimizer, keep=rank == 0)
     if rank == 0:
-        save_safetensors(model.state_dict(), tmp / "model.safetensors")
-        if ema is not None:
-            save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
-        save_tree(optimizer.state_dict(), tmp / "optimizer.safetensors")
+        save_safetensors(weights, tmp / "model.safetensors")
+        if ema_weights is not None:
+            save_safetensors(ema_weights, tmp / "ema.safetensors")
+        save_tree(optimizer_state, tmp / "optimizer.safetensors")
         save_tree(lr_scheduler.state_dict(), tmp / "lr_scheduler.safetensors")
         record = {"state_format": STATE_FORMAT, **progress}
         (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
@@ -256,9 +262,10 @@ def load_state(
         else:
             log.warning("%s has no EMA weights; the EMA starts from the current weights", state)
             ema.load_state_dict(model.state_dict())
-    for target, name, on in ((optimizer, "optimizer", device), (lr_scheduler, "lr_scheduler", "cpu")):
+    for apply, name, on in ((functools.partial(load_optimizer_state, optimizer), "optimizer", device),
+                            (lr_scheduler.load_state_dict, "lr_scheduler", "cpu")):
         path = state / f"{name}.safetensors"
-        _restore(target.load_state_dict, load_tree(path, on), path, f"the {name} state")
+        _restore(apply, load_tree(path, on), path, f"the {name} state")
     _check_optimizer_shapes(optimizer, state / "optimizer.safetensors")
     rng_file = state / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
@@ -288,7 +295,7 @@ def _load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> N
         check_state_dict_matches(model, weights, path)
     except AAAError as err:
         raise InputError(f"{err}; {DAMAGED}") from None
-    model.load_state_dict(weights)
+    load_full_state_dict(model, weights)
 
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, path: Path) -> None:

@@ -83,7 +83,13 @@ def claim_output_dir(
                 log.info("deleted %s (left by an interrupted save)", path)
         write_text_atomic(out / RUN_FILE, json.dumps({"run_id": run_id or uuid.uuid4().hex}) + "\n")
     barrier()
-    return json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+    try:
+        return json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+    except FileNotFoundError:  # only ever on another process than the main one, which has just written it
+        raise InputError(
+            f"{out}: this process does not see the {RUN_FILE} that the main process wrote there; with several "
+            "machines, --output-dir must be on a disk all of them share"
+        ) from None
 
 
 def _check_usable(out: Path, overwrite: bool) -> None:

@@ -5,9 +5,12 @@ One GPU (or the CPU):
 Several GPUs on one machine (accelerate/DDP does the distribution; nothing else changes; --device cpu
 runs the processes on the CPU; a second launch on the same machine needs its own --main_process_port):
     accelerate launch --multi_gpu --num_processes 8 -m training --config training/configs/pokemon.toml
-Several machines (run on each machine with its own --machine_rank; OUTPUT_DIR on a shared disk):
+Several machines (on each machine with its own --machine_rank; OUTPUT_DIR and any --cache-dir on a shared disk):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m training --config training/configs/pokemon.toml
+The large presets sharded with FSDP2 (weights, gradients, AdamW and EMA split across the GPUs; the
+checkpoints and states stay full files, so they resume under DDP too; LoRA runs are refused: use DDP):
+    accelerate launch --config_file training/configs/fsdp.yaml --num_processes 8 -m training --config ... --model AAA-XL
 Continue after Ctrl-C, a crash or a time limit (Ctrl-C and SIGTERM save first):
     python -m training --config training/configs/pokemon.toml --resume
 Stop a launched run: signal the training processes, ``pkill -TERM -P LAUNCHER_PID``; they save and
@@ -63,6 +66,7 @@ from .checkpoints import (
 from .config import TrainConfig, parse_config
 from .data import Skipped, find_samples, report_skipped
 from .dataset import Loading, load_training_data, plan_data
+from .distributed import check_setup, full_state_dict, sampling_model, shard_like
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
@@ -95,7 +99,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if device.type == "cpu":
         device = torch.device("cpu")  # several CPU processes get "cpu:0", which safetensors does not accept
-    is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
+    is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone  # global main: OUTPUT_DIR is shared
+    check_setup(accelerator, lora=bool(cfg.lora_rank))
     compute_dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     encoder_dtype = encoder_dtype_for(cfg.encoder_dtype, device)
     if use_cuda:
@@ -183,6 +188,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
         trained = lora.adapters if lora else unwrapped
+        ema = shard_like(ema, trained)  # under FSDP each process averages its own slices
 
         # ------------------------------------------------------------ resume
         step = 0
@@ -216,12 +222,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
         def save(step: int) -> tuple[Path | None, Path]:
             checkpoint = None
             weights, kind = (ema, "ema") if ema is not None else (trained, "raw")
+            full_weights = full_state_dict(weights, keep=is_main)  # gathered from every process under FSDP
             if is_main and lora:
                 checkpoint = out / "checkpoints" / f"{run_name}-lora-step-{step:06d}.safetensors"
                 lora.save(weights, checkpoint, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
             elif is_main:
                 checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
-                save_weights(weights.state_dict(), checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
+                save_weights(full_weights, checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
             progress = {
                 "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
                 "data_fingerprint": data.fingerprint, "world_size": world, "lora": lora.settings if lora else None,
@@ -290,6 +297,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     window_start, window_steps = time.perf_counter(), 0
 
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps) and not stopping:
+                    sampled = sampling_model(ema if ema is not None else trained, unwrapped.config, keep=is_main)
                     if is_main:
                         if vae is None:
                             vae = load_vae(vae_path, dtype=encoder_dtype, device=device)
@@ -298,7 +306,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
                             resolution=cfg.resolution, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.sample_seed,
                             extra_sizes=extra_sizes,
                             autocast=accelerator.autocast, should_stop=stop)
-                        sampled = ema if ema is not None else trained
                         grid = lora.sample_grid(render, sampled) if lora else render(sampled)
                         if grid is not None:
                             with atomic_output(out / "samples" / f"step-{step:06d}.png") as tmp:
