@@ -1,7 +1,7 @@
 """Two CPU processes over gloo: DDP through the README's `accelerate launch`, and FSDP2-sharded weights.
 
-Each trains 4 steps straight, and 2 steps then ``--resume`` to 4, and the two must end bit for
-bit alike: checkpoint, raw and EMA weights, AdamW moments, losses. accelerate does not shard on
+Each trains 4 steps straight, and 2 steps then ``--resume`` to 4, on aspect buckets read from the
+packed shards, and the two must end bit for bit alike: checkpoint, raw and EMA weights, AdamW moments, losses. accelerate does not shard on
 CPU processes (``--use_fsdp`` stays DDP there), so the FSDP run shards with torch's own FSDP2 in
 ``fsdp_child.py``, as accelerate's FSDP2 ``prepare`` does on GPUs; all the trainer's code after
 ``prepare`` runs as it does under accelerate's FSDP.
@@ -28,9 +28,11 @@ from training.distributed import check_setup
 from training.run_folder import claim_output_dir
 from training.state_files import load_tree
 
-# Gradient accumulation, clipping and the EMA all take part; float32 so both runs compute alike.
+# Gradient accumulation, clipping and the EMA all take part; float32 so both runs compute alike. The data:
+# three aspect buckets, packed into shards (each process writes its share) and read by a worker per process.
 OPTIONS = ["--batch-size", 2, "--grad-accum", 2, "--ema-decay", 0.9, "--max-grad-norm", 0.5, "--precision", "fp32",
-           "--save-every", 2, "--device", "cpu"]
+           "--save-every", 2, "--device", "cpu", "--buckets", "32x32,64x32,32x64", "--data-loading", "shards",
+           "--data-workers", 1]
 STATE_FILES = ("model.safetensors", "ema.safetensors")
 
 
@@ -89,6 +91,7 @@ def ddp_runs(models, dataset, tmp_path_factory):
 def test_ddp_two_processes_resume_bit_exactly(ddp_runs):
     root, straight, resumed = ddp_runs
     assert "8 samples per step (2 x 2 accumulation x 2 processes)" in straight.stderr
+    assert "(32x32: 5, 64x32: 1, 32x64: 1)" in straight.stderr and "read from 3 shard(s)" in straight.stderr
     assert "resumed from" in resumed.stderr and "split/states/step-000002 at step 2" in resumed.stderr
     assert_same_final_state(root / "straight", root / "split")
     # Only the main process writes the shared files; the split folder's first launch kept one state of each step.

@@ -102,7 +102,8 @@ def fill_cache(
     barrier()  # every share is on disk before anyone reads
     missing_keys = {entry.key for entry in missing_images if not read_latent(entry)}  # written by any process, or unreadable
     if any(not read_text(prompt, key) for prompt, key in missing_prompts):
-        raise InputError(f"cache {cache.root}: a prompt embedding is missing after encoding; see the messages above")
+        shared = " (with several machines, the cache must be on a disk all of them share: --cache-dir)" if world_size > 1 else ""
+        raise InputError(f"cache {cache.root}: a prompt embedding is missing after encoding{shared}; see the messages above")
     present = {entry.key for entry in entries} - missing_keys
     return FilledCache(latents, texts, present, failures, stats)
 
