@@ -11,7 +11,9 @@ memory, the largest worker's, and steps/s. A sample is a 64x64 image's latent (1
 128x64 prompt, in bf16: 20 KB, so 200k samples take 4 GB, which the in-memory path would hold.
 
 The 151-sample rows compare the in-memory holder (``InMemoryData``, what small data sets get)
-with the indexing the trainer did before holders existed, in the same run, as a ratio.
+with the indexing the trainer did before holders existed, in alternating pairs of runs, as the
+median ratio. A worker's peak includes the pages it shares with the training process it was
+forked from.
 """
 
 from __future__ import annotations
@@ -126,17 +128,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the packed runs")
     parser.add_argument("--folder", type=Path, default=None, help="where the packs are written (default: a temp folder)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of the 151-sample runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the in-memory runs at each N (they hold the whole set)")
     args = parser.parse_args()
 
     print(f"{'data':<28} {'peak RSS':>10} {'worker RSS':>11} {'steps/s':>9}")
-    rows = {}
-    for variant in ("before", "memory"):
-        rows[variant] = run(variant, 151, "", args)
-        mine, worker, speed = rows[variant]
-        label = "151 in memory (before)" if variant == "before" else "151 in memory (InMemoryData)"
-        print(f"{label:<28} {mine:>8.0f} MB {'-':>11} {speed:>9.2f}")
-    print(f"{'':<28} in-memory / before: {rows['memory'][2] / rows['before'][2]:.2f}x steps/s")
+    speeds: dict[str, list[float]] = {"before": [], "memory": []}
+    for _ in range(args.repeats):  # alternating, so a drift of the machine's speed hits both alike
+        for variant, label in (("before", "151 in memory (before)"), ("memory", "151 in memory (InMemoryData)")):
+            mine, _, speed = run(variant, 151, "", args)
+            speeds[variant].append(speed)
+            print(f"{label:<28} {mine:>8.0f} MB {'-':>11} {speed:>9.2f}")
+    ratios = [m / b for m, b in zip(speeds["memory"], speeds["before"])]
+    print(f"{'':<28} in-memory / before: median {statistics.median(ratios):.2f}x steps/s "
+          f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})")
     with tempfile.TemporaryDirectory(dir=args.folder) as root:
         for count in args.sizes:
             folder = Path(root) / f"pack-{count}"
