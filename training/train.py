@@ -19,6 +19,8 @@ signal as a failure (SignalException traceback, exit 1), and it kills processes 
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30; raise it for large states or slow disks).
 Start afresh in a folder that holds another run (deletes its states and checkpoints):
     python -m training --config training/configs/pokemon.toml --overwrite
+Mixed image shapes and a data set larger than memory (aspect buckets; shards read by DataLoader workers):
+    python -m training --config training/configs/pokemon.toml --buckets aspect --data-loading shards
 Fine-tune the published step-600000 instead of starting from random weights:
     python -m training --config training/configs/pokemon.toml --init-from published --lr 2e-5
 Train a LoRA on it instead (base frozen; a few-MB file for ComfyUI's models/loras):
