@@ -1,4 +1,4 @@
-"""Throughput and MFU arithmetic, and TensorBoard logging that degrades to a warning when it is missing."""
+"""Throughput and MFU arithmetic, the run's log file, and TensorBoard logging that degrades to a warning when it is missing."""
 
 from __future__ import annotations
 
@@ -89,3 +89,28 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+LOGGERS = ("training", "aaa_core")  # what train.log records
+
+
+def log_to_file(path: Path, is_main: bool) -> logging.Handler | None:
+    """Also logs to OUTPUT_DIR/train.log (main process only; the others log warnings alone)."""
+    if not is_main:
+        logging.getLogger("training").setLevel(logging.WARNING)
+        return None
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+def stop_logging_to_file(handler: logging.Handler | None) -> None:
+    """Undoes ``log_to_file`` when ``train`` returns, so a caller's next run logs to its own file."""
+    if handler is not None:
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()

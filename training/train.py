@@ -72,7 +72,7 @@ from .distributed import check_setup, full_state_dict, sampling_model, shard_lik
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
-from .metrics import TensorBoard, peak_flops, training_flops_per_sample
+from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
 from .run_folder import claim_output_dir, folder_run_id
 from .samples import render_grid, write_prompt_list
 
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     # Which state to continue and which run owns the folder, before anything is written into it.
     state = find_state(cfg.resume, out / "states", folder_run_id(out)) if cfg.resume else None
     run_id = claim_output_dir(out, read_progress(state)["run_id"] if state else None, cfg.overwrite, is_main, barrier)
-    log_file = _log_to_file(out / "train.log", is_main)
+    log_file = log_to_file(out / "train.log", is_main)
     if is_main:
         write_text_atomic(out / "config.toml", cfg.to_toml())
     log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
@@ -339,10 +339,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped)
     finally:
         stop.restore()
-        if log_file is not None:
-            for name in ("training", "aaa_core"):
-                logging.getLogger(name).removeHandler(log_file)
-            log_file.close()
+        stop_logging_to_file(log_file)
 
 
 # --------------------------------------------------------------------------------------
@@ -373,20 +370,6 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
-
-
-def _log_to_file(path: Path, is_main: bool) -> logging.Handler | None:
-    """Also logs to OUTPUT_DIR/train.log (main process only); removed again when ``train`` returns."""
-    if not is_main:
-        logging.getLogger("training").setLevel(logging.WARNING)
-        return None
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("training", "aaa_core"):
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
