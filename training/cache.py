@@ -51,7 +51,8 @@ class CacheStats:
     text_encoder_loaded: bool = False
 
 
-def _hash(*parts: object) -> str:
+def content_hash(*parts: object) -> str:
+    """The SHA-256 of the parts' text joined by the ASCII unit separator: the cache's keys and fingerprints."""
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
 
 
@@ -140,7 +141,7 @@ class EncodingCache:
         memo = root / "model_fingerprints.json"
         self.vae_id = model_fingerprint(vae_path, memo)
         files = encoder_files(text_encoder_path)
-        self.text_encoder_id = _hash(
+        self.text_encoder_id = content_hash(
             model_fingerprint(files.weights, memo),
             f"config:{file_sha256(files.config)}",
             *(f"{file.name}:{file_sha256(file)}" for file in files.tokenizer),
@@ -157,7 +158,7 @@ class EncodingCache:
         width, height = size or (self.resolution, self.resolution)
         # A square entry keeps the key it had before buckets existed, so those caches stay valid.
         size_part = width if width == height else f"{width}x{height}"
-        return _hash("latent", image_sha, size_part, PREPROCESS_VERSION, self.vae_id, self.dtype)
+        return content_hash("latent", image_sha, size_part, PREPROCESS_VERSION, self.vae_id, self.dtype)
 
     def shape(self, kind: str, size: tuple[int, int] | None = None) -> tuple[int, ...]:
         """What an entry of ``kind`` holds; latents depend on the image size (width, height)."""
@@ -166,7 +167,7 @@ class EncodingCache:
         return self.shapes[kind]
 
     def text_key(self, prompt: str) -> str:
-        return _hash("text", prompt, self.text_encoder_id, self.dtype)
+        return content_hash("text", prompt, self.text_encoder_id, self.dtype)
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.safetensors"

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
+import math
 import os
 import signal
 from itertools import groupby
@@ -32,7 +32,7 @@ from aaa_core.errors import InputError
 
 from .batches import BatchOrder
 from .buckets import Bucket, assign_bucket, image_size
-from .cache import CacheStats, EncodingCache, FileFacts
+from .cache import CacheStats, EncodingCache, FileFacts, content_hash
 from .data import Sample, Skipped
 from .encoding import FilledCache, LatentEntry, fill_cache
 from .shards import PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, shard_name, write_index, write_shard
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 MEMORY_FRACTION = 0.25  # auto holds the data in memory if it takes at most this share of the available memory
 LOADINGS = ("auto", "memory", "shards")
-
-
-def _hash(*parts: object) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -73,25 +69,18 @@ class DataPlan:
 
     def fingerprint(self, used: list[int]) -> str:
         """Changes when any used sample's inputs change; a resumed run checks it."""
-        return _hash(*(f"{self.latent_keys[i]}:{self.text_keys[i]}" for i in used))
+        return content_hash(*(f"{self.latent_keys[i]}:{self.text_keys[i]}" for i in used))
 
     def pack_id(self) -> str:
         """Names the pack of exactly these samples, buckets and keys (unreadable images included: the index lists them)."""
-        return _hash("pack", self.buckets, *(f"{b}:{l}:{t}" for b, l, t in zip(self.bucket_of, self.latent_keys, self.text_keys)))[:32]
+        return content_hash("pack", self.buckets, *(f"{b}:{l}:{t}" for b, l, t in zip(self.bucket_of, self.latent_keys, self.text_keys)))[:32]
 
     def memory_bytes(self, cache: EncodingCache) -> int:
         """What holding every distinct latent and prompt embedding in memory takes."""
         element = torch.empty((), dtype=cache.dtype).element_size()
         latents = {key: cache.shape("latents", self.buckets[b]) for key, b in zip(self.latent_keys, self.bucket_of)}
-        texts = len(set(self.text_keys)) * _numel(cache.shape("text"))
-        return element * (sum(_numel(shape) for shape in latents.values()) + texts)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for side in shape:
-        count *= side
-    return count
+        texts = len(set(self.text_keys)) * math.prod(cache.shape("text"))
+        return element * (sum(math.prod(shape) for shape in latents.values()) + texts)
 
 
 def plan_data(
@@ -344,7 +333,7 @@ def _packed(plan: DataPlan, fill: Callable[..., FilledCache], cache: EncodingCac
 def _write_pack(plan: DataPlan, used: list[int], left_out: list[tuple[str, str]], cache: EncodingCache, folder: Path,
                 how: Loading) -> None:
     """Writes the shards (process ``r`` writes every ``world``-th one), then the index that marks the pack complete."""
-    row_bytes = max(_numel(cache.shape("latents", b)) for b in plan.buckets) + _numel(cache.shape("text"))
+    row_bytes = max(math.prod(cache.shape("latents", b)) for b in plan.buckets) + math.prod(cache.shape("text"))
     rows = rows_per_shard(row_bytes * torch.empty((), dtype=cache.dtype).element_size())
     shards, jobs = [], []
     for bucket, members in groupby(used, key=lambda i: plan.bucket_of[i]):
