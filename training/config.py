@@ -41,6 +41,7 @@ def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
 
 DATA, MODEL, OPTIM, RUN, SAVE, FEEDBACK = "data", "model", "optimisation", "run", "checkpoints", "feedback"
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
+MAX_DATA_WORKERS = 64  # reader processes per training process; more only competes for the disk
 NUMPY_SEED_MAX = 2**32 - 1  # the trainer seeds numpy too, which takes no larger seed
 NOT_RECORDED = ("overwrite",)  # a one-time action: re-running a run's config.toml must not delete that run
 
@@ -176,7 +177,7 @@ class TrainConfig:
              "weight_decay, max_grad_norm and peak_flops must not be negative"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
             (self.data_loading in LOADINGS, f"data_loading {self.data_loading!r}: use one of {', '.join(LOADINGS)}"),
-            (self.data_workers >= 0, f"data_workers {self.data_workers} must not be negative"),
+            (0 <= self.data_workers <= MAX_DATA_WORKERS, f"data_workers {self.data_workers} must be between 0 and {MAX_DATA_WORKERS}"),
             (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
             (self.sample_every == 0 or self.validation_prompts or self.num_validation_prompts >= 1,
              f"num_validation_prompts {self.num_validation_prompts} must be at least 1 when samples are drawn (or set sample_every 0)"),
