@@ -25,6 +25,7 @@ import training.encoding
 from aaa_core.checkpoint import read_safetensors
 from aaa_core.dit import load_dit
 from test_training import REPO, argv, run, run_interrupted, write_dataset
+from training.train import main
 from tiny_models import save_tiny_models
 from training.buckets import assign_bucket, image_size, parse_buckets
 from training.cache import EncodingCache
@@ -170,3 +171,43 @@ def test_ctrl_c_to_the_process_group_still_saves_with_workers_reading(models, da
     assert process.returncode == 0, output[-3000:]
     assert "Traceback" not in output and "continue with --resume" in output
     assert len(list((out / "states").glob("step-*"))) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_shard_row_stops_training_in_one_line(models, dataset, tmp_path, caplog, workers):
+    cache = tmp_path / "cache"
+    run(models, dataset, tmp_path / "a", "--data-loading", "shards", "--max-steps", 1, cache=cache)
+    (shard,) = (cache / "packed").glob("*/shard-*.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # the last row's prompt
+    shard.write_bytes(bytes(data))
+    caplog.set_level(logging.ERROR)
+    code = main(argv(models, dataset, tmp_path / "b", "--data-loading", "shards", "--data-workers", workers, "--max-steps", 20,
+                     cache=cache))
+    assert code == 1
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "does not match its checksum" in message and "delete the folder" in message
+    assert "\n" not in message and "Traceback" not in caplog.text
+
+
+def test_a_pack_that_cannot_be_written_is_one_line(models, dataset, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "packed").write_text("a file where the packs' folder goes", encoding="utf-8")
+    caplog.set_level(logging.ERROR)
+    code = main(argv(models, dataset, tmp_path / "run", "--data-loading", "shards", cache=cache))
+    assert code == 1
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "cannot write to the encoding cache" in message and "--cache-dir" in message and "\n" not in message
+
+
+def test_a_failing_reader_ends_the_run_instead_of_hanging_on_its_workers(models, dataset, tmp_path):
+    """The workers ignore SIGTERM, so the trainer must end them itself; here a bug inside the loader (not a
+    damaged shard) propagates, and the process must still exit with the traceback, not wait for them."""
+    args = [str(a) for a in argv(models, dataset, tmp_path / "run", "--data-loading", "shards", "--data-workers", 2)]
+    child = ("import sys, training.shards\n"
+             "def broken(self, samples):\n    raise RuntimeError('a bug in the reader')\n"
+             "training.shards.ShardReader.read = broken\n"
+             f"from training.train import main\nsys.exit(main({args!r}))\n")
+    result = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "RuntimeError: a bug in the reader" in result.stderr

@@ -98,7 +98,7 @@ class FileFacts:
     def save(self) -> None:
         """Writes the memo if anything was added (atomically: readers never see half of it)."""
         if self._changed:
-            with _writing_to_cache(self.memo_file), atomic_output(self.memo_file) as tmp:
+            with writing_to_cache(self.memo_file), atomic_output(self.memo_file) as tmp:
                 tmp.write_text(json.dumps(self._memo, indent=1), encoding="utf-8")
             self._changed = False
 
@@ -116,7 +116,7 @@ def model_fingerprint(path: Path, memo_file: Path) -> str:
 
 
 @contextlib.contextmanager
-def _writing_to_cache(path: Path) -> Iterator[None]:
+def writing_to_cache(path: Path) -> Iterator[None]:
     """Turns an OS error while writing ``path`` into one line that says what to do."""
     try:
         yield
@@ -175,7 +175,8 @@ class EncodingCache:
     def sweep_temp_files(self) -> list[Path]:
         """Removes the temps that killed writers left among the entries; those of live processes stay,
         so runs sharing the cache never lose each other's writes in progress."""
-        folders = [self.root, *(folder for kind in self.shapes for folder in sorted((self.root / kind).glob("??")))]
+        folders = [self.root, *(folder for kind in self.shapes for folder in sorted((self.root / kind).glob("??"))),
+                   *sorted((self.root / "packed").glob("*"))]  # and the packs' shards
         return [temp for folder in folders for temp in sweep_temp_files(folder)]
 
     def write(self, kind: str, key: str, tensor: torch.Tensor, source: str, size: tuple[int, int] | None = None) -> None:
@@ -187,7 +188,7 @@ class EncodingCache:
                 "check the model file, or try --encoder-dtype fp32"
             )
         metadata = {"source": source[:1000], CHECKSUM_KEY: tensor_sha256(tensor)}
-        with _writing_to_cache(self.path(kind, key)):
+        with writing_to_cache(self.path(kind, key)):
             save_safetensors({kind: tensor}, self.path(kind, key), metadata)
 
     def load(

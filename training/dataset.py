@@ -28,14 +28,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from aaa_core.errors import InputError
+from aaa_core.errors import AAAError, InputError
 
 from .batches import BatchOrder
 from .buckets import Bucket, assign_bucket, image_size
-from .cache import CacheStats, EncodingCache, FileFacts, content_hash
+from .cache import CacheStats, EncodingCache, FileFacts, content_hash, writing_to_cache
 from .data import Sample, Skipped
 from .encoding import FilledCache, LatentEntry, fill_cache
-from .shards import PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, shard_name, write_index, write_shard
+from .shards import INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, shard_name, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,18 @@ class PackedData(TrainingData):
             _MicroBatches(self.reader, order), batch_size=None, sampler=range(first, last), num_workers=self.workers,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None, worker_init_fn=_leave_stop_signals_to_trainer,
         )
-        yield from loader
+        batches = iter(loader)
+        try:
+            for item in batches:
+                if isinstance(item, AAAError):  # a damaged shard, named in one line (see _MicroBatches)
+                    raise item
+                yield item
+        finally:
+            # The workers ignore SIGTERM (below), so they must be told to end: an exception raised inside
+            # the loader keeps it referenced past this point, and at exit Python would wait for them forever.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # what the loader's own __del__ calls
+            if shutdown is not None:
+                shutdown()
 
     def describe(self) -> str:
         return (f"read from {len(self.reader.index.shards)} shard(s) in {self.reader.folder} by "
@@ -213,8 +224,12 @@ class _MicroBatches(torch.utils.data.Dataset):
     def __init__(self, reader: ShardReader, order: BatchOrder):
         self.reader, self.order = reader, order
 
-    def __getitem__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.reader.read(self.order.indices(micro_step))
+    def __getitem__(self, micro_step: int) -> "tuple[torch.Tensor, torch.Tensor] | AAAError":
+        # Returned, not raised: a DataLoader re-raises a worker's exception with the worker's traceback in its message.
+        try:
+            return self.reader.read(self.order.indices(micro_step))
+        except AAAError as err:
+            return err
 
 
 # --------------------------------------------------------------------------------------
@@ -349,10 +364,12 @@ def _write_pack(plan: DataPlan, used: list[int], left_out: list[tuple[str, str]]
         size = plan.buckets[shard.bucket]
         latents = [_entry(cache, "latents", plan.latent_keys[i], str(plan.samples[i].image), size) for i in members]
         texts = [_entry(cache, "text", plan.text_keys[i], plan.samples[i].caption) for i in members]
-        write_shard(folder / shard.file, latents, texts)
+        with writing_to_cache(folder / shard.file):
+            write_shard(folder / shard.file, latents, texts)
     how.barrier()
     if how.rank == 0:
-        write_index(folder, PackIndex(plan.buckets, shards, left_out))
+        with writing_to_cache(folder / INDEX_FILE):
+            write_index(folder, PackIndex(plan.buckets, shards, left_out))
     how.barrier()
 
 

@@ -250,7 +250,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         window_start, window_steps = time.perf_counter(), 0
         stopped = False
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=None if is_main else True, dynamic_ncols=True)
-        with bar, logging_redirect_tqdm():
+        with bar, logging_redirect_tqdm(), contextlib.closing(batches):  # closing ends the data workers
             while step < total_steps:
                 for micro in range(cfg.grad_accum):
                     micro_step = step * cfg.grad_accum + micro
