@@ -27,6 +27,8 @@ from training.train import main as train_main
     (["--resolution", "99984"], "resolution 99984 is above the maximum of 8192"),
     (["--buckets", "512x250,256x256"], "buckets '512x250,256x256': '512x250' has a side of 250; use 'square', 'aspect' or"),
     (["--sample-steps", "100000"], "sample_steps 100000 is above the maximum of 10000"),
+    (["--data-workers", "-1"], "data_workers -1 must be between 0 and 64"),
+    (["--data-workers", "1000"], "data_workers 1000 must be between 0 and 64"),
     (["--num-validation-prompts", "0"], "num_validation_prompts 0 must be at least 1 when samples are drawn"),
     (["--validation-prompts", "a\x00b"], "validation_prompts[0]: character 1 is a NUL character"),
     (["--negative-prompt", "bad \udcff byte"], "negative_prompt: character 4 is not valid text (byte 0xff)"),
