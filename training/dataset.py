@@ -322,15 +322,14 @@ def _in_memory(plan: DataPlan, filled: FilledCache, cache: EncodingCache, how: L
 def _packed(plan: DataPlan, fill: Callable[..., FilledCache], cache: EncodingCache, how: Loading) -> tuple[PackedData, list[Skipped]]:
     folder = cache.root / "packed" / plan.pack_id()
     index = read_index(folder)
-    stats = CacheStats()
     if index is None:  # packed once; later runs over the same data read neither the entries nor the encoders
-        filled = fill(plan.latent_entries(), plan.prompts(), keep=False)
-        stats = filled.stats
+        filled = fill(plan.latent_entries(), plan.prompts(), keep=False, keep_prompts=set(plan.extra_prompts.values()))
         _write_pack(plan, *_split(plan, filled), cache, folder, how)
         index = read_index(folder)
         if index is None:
             raise InputError(f"{folder}: the packed data set could not be read back after writing it; see the messages above")
-    extras = fill([], plan.extra_prompts, keep=True)  # the sample grids' prompts, held in memory (a few)
+    else:
+        filled = fill([], plan.extra_prompts, keep=True)  # the sample grids' prompts alone (a few)
     left_out = {image for image, _ in index.skipped}
     used = [i for i, s in enumerate(plan.samples) if str(s.image) not in left_out]
     reader = ShardReader(folder, index, cache.shape("latents")[0], cache.shape("text"), cache.dtype)
@@ -338,8 +337,8 @@ def _packed(plan: DataPlan, fill: Callable[..., FilledCache], cache: EncodingCac
         raise InputError(f"{folder}: holds {len(reader)} samples, expected {len(used)}; delete the folder and run again")
     data = PackedData(
         buckets=index.buckets, bucket_ids=index.bucket_ids(),
-        extra_prompts={prompt: extras.texts[key] for prompt, key in plan.extra_prompts.items()},
-        text_shape=cache.shape("text"), fingerprint=plan.fingerprint(used), stats=stats,
+        extra_prompts={prompt: filled.texts[key] for prompt, key in plan.extra_prompts.items()},
+        text_shape=cache.shape("text"), fingerprint=plan.fingerprint(used), stats=filled.stats,
         reader=reader, workers=how.workers, pin_memory=how.device.type == "cuda",
     )
     return data, _as_skipped(index.skipped)

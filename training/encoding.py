@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from itertools import groupby
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from tqdm import tqdm
@@ -65,11 +65,13 @@ def fill_cache(
     barrier: Callable[[], None] = lambda: None,
     should_stop: Callable[[], bool] = lambda: False,
     keep: bool = True,
+    keep_prompts: Collection[str] = (),
 ) -> FilledCache:
     """Makes every entry exist and be sound (``prompts``: text -> key); ``keep`` holds what was read in memory.
 
     Without ``keep`` each entry is checked and dropped again, so memory stays flat however large
-    the data set (the packed path reads the entries once more while writing its shards).
+    the data set (the packed path reads the entries once more while writing its shards); the
+    prompt keys in ``keep_prompts`` (the sample grids') are held either way.
     """
     stats, main = CacheStats(), rank == 0
     if main:
@@ -87,7 +89,7 @@ def fill_cache(
 
     def read_text(prompt: str, key: str) -> bool:
         tensor = cache.load("text", key, prompt, report=main)
-        if tensor is not None and keep:
+        if tensor is not None and (keep or key in keep_prompts):
             texts[key] = tensor
         return tensor is not None
 
