@@ -205,6 +205,7 @@ class PackedData(TrainingData):
             shutdown = getattr(batches, "_shutdown_workers", None)  # what the loader's own __del__ calls
             if shutdown is not None:
                 shutdown()
+            self.reader.close()  # the shard files it opened itself (with no workers); it reopens them on demand
 
     def describe(self) -> str:
         return (f"read from {len(self.reader.index.shards)} shard(s) in {self.reader.folder} by "
