@@ -258,7 +258,7 @@ def test_fine_tune_starts_from_the_given_checkpoint(models, dataset, tmp_path):
     assert load_dit(exported).config == TINY_DIT
 
 
-def test_auto_precision_is_bf16_autocast_with_fp32_master_weights_on_a_cpu_with_native_bf16(models, dataset, tmp_path, monkeypatch):
+def test_auto_precision_and_encoders_are_bf16_on_a_cpu_with_native_bf16(models, dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("AAA_CPU_BF16", "1")
     linear_outputs = set()
 
@@ -275,7 +275,10 @@ def test_auto_precision_is_bf16_autocast_with_fp32_master_weights_on_a_cpu_with_
         hook.remove()
         AcceleratorState._reset_state(reset_partial_state=True)
     assert linear_outputs == {torch.bfloat16}
-    assert "precision bf16" in (tmp_path / "bf16" / "train.log").read_text(encoding="utf-8")
+    log_text = (tmp_path / "bf16" / "train.log").read_text(encoding="utf-8")
+    assert "precision bf16" in log_text and "encoders in torch.bfloat16" in log_text  # the cache too, as the reference
+    entry = next((tmp_path / "bf16" / "cache" / "latents").rglob("*.safetensors"))
+    assert {info.dtype for info in read_header(entry)[0].values()} == {"BF16"}
     header, _ = read_header(summary.state / "model.safetensors")
     assert {info.dtype for info in header.values()} == {"F32"}  # the master weights stay float32
     assert all(math.isfinite(loss) for _, loss in summary.losses)

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from aaa_core.checkpoint import save_safetensors
+from aaa_core.devices import cpu_has_native_bf16
 from aaa_core.outputs import atomic_output, sweep_temp_files
 from aaa_core.errors import InputError, OutputError
 from aaa_core.sampling import LATENT_CHANNELS, latent_size
@@ -244,8 +245,9 @@ def cache_dir_for(output_dir: Path, cache_dir: str) -> Path:
 
 
 def encoder_dtype_for(name: str, device: torch.device) -> torch.dtype:
-    """Encoder / cache dtype: the reference runs both encoders in bf16 on GPU; fp32 is faster on CPU."""
+    """Encoder / cache dtype: bf16 as the reference runs both encoders, where the hardware computes it
+    (GPUs, CPUs with AVX512-BF16 or AMX); fp32 on other CPUs, where bf16 is emulated and slower."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 

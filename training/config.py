@@ -61,8 +61,8 @@ class TrainConfig:
     cache_dir: str = option("", "where encoded latents and prompt embeddings are kept (default: OUTPUT_DIR/cache); "
                             "share it between runs on the same data", DATA)
     encode_batch_size: int = option(8, "images or prompts per VAE / text-encoder call while filling the cache", DATA)
-    encoder_dtype: str = option("auto", "dtype of the frozen VAE and text encoder and of the cache: auto (bf16 on GPU "
-                                "like the reference, fp32 on CPU), bf16 or fp32", DATA, choices=["auto", "bf16", "fp32"])
+    encoder_dtype: str = option("auto", "dtype of the frozen VAE and text encoder and of the cache: auto (bf16 like the "
+                                "reference on GPUs and on CPUs with native bf16, else fp32), bf16 or fp32", DATA, choices=["auto", "bf16", "fp32"])
     cache_on_device: bool = option(True, "with the data set in memory, keep it on the GPU when it takes at most a quarter "
                                    "of the free GPU memory (fast); off: in host memory", DATA)
     data_loading: str = option("auto", "how training reads the encoded data set: memory (all of it in memory, fastest), "
