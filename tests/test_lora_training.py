@@ -9,6 +9,7 @@ test_native_model_in_comfyui.py.
 
 import importlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -124,9 +125,10 @@ def test_merged_export_gives_the_dit_output_of_base_plus_lora(trained, published
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
 
 
-def test_lora_resume_after_ctrl_c_matches_uninterrupted_run(models, dataset, published, tmp_path, monkeypatch):  # noqa: F811
+def test_lora_resume_after_ctrl_c_matches_uninterrupted_run(models, dataset, published, tmp_path, monkeypatch, caplog):  # noqa: F811
     options = lora_args(published, "--max-steps", 6, "--batch-size", 3, "--ema-decay", 0.9, "--save-dtype", "fp32")
     cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO)
     full = run(models, dataset, tmp_path / "full", *options, cache=cache)
 
     interrupted = run_interrupted(monkeypatch, models, dataset, tmp_path / "split", *options, cache=cache, at_loss_call=3)
@@ -134,6 +136,7 @@ def test_lora_resume_after_ctrl_c_matches_uninterrupted_run(models, dataset, pub
 
     resumed = run(models, dataset, tmp_path / "split", *options, "--resume", cache=cache)
     assert resumed.step == 6 and resumed.losses[-1] == full.losses[-1]
+    assert caplog.text.count(f"hashing {published}") == 1  # the base is hashed once, then remembered in the cache
     for name in ("model.safetensors", "ema.safetensors"):
         a, _ = read_safetensors(full.state / name)
         b, _ = read_safetensors(resumed.state / name)

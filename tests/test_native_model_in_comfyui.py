@@ -30,6 +30,7 @@ from tiny_models import TINY_DIT, save_tiny_models
 from aaa_core.checkpoint import save_safetensors
 from aaa_core.dit import CONFIG_METADATA_KEY, load_dit
 from training.export import export_lora
+from training.cache import file_sha256
 from training.lora import LoraRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def save_trained_lora(base: Path, lora_path: Path, merged_path: Path) -> None:
     """A LoRA file as the trainer saves it (random adapters in place of trained ones), and its merge by the export."""
     torch.manual_seed(2)
     targets = ["to_q", "to_k", "to_v", "to_out", "ff.0", "ff.2", "proj_out"]
-    lora = LoraRun(load_dit(base), base, LORA_RANK, LORA_ALPHA, targets, keep_base=False)
+    lora = LoraRun(load_dit(base), base, file_sha256(base), LORA_RANK, LORA_ALPHA, targets, keep_base=False)
     with torch.no_grad():
         for param in lora.adapters.parameters():
             param.normal_(0.0, 0.3)

@@ -139,11 +139,10 @@ class EncodingCache:
 
     def __init__(self, root: Path, vae_path: Path, text_encoder_path: Path, resolution: int, dtype: torch.dtype):
         self.root = root
-        memo = root / "model_fingerprints.json"
-        self.vae_id = model_fingerprint(vae_path, memo)
+        self.vae_id = self.model_sha256(vae_path)
         files = encoder_files(text_encoder_path)
         self.text_encoder_id = content_hash(
-            model_fingerprint(files.weights, memo),
+            self.model_sha256(files.weights),
             f"config:{file_sha256(files.config)}",
             *(f"{file.name}:{file_sha256(file)}" for file in files.tokenizer),
         )
@@ -153,6 +152,10 @@ class EncodingCache:
             "latents": (LATENT_CHANNELS, *latent_size(resolution, resolution)),
             "text": (MAX_TOKENS, load_config(files.weights.parent).hidden_size),
         }
+
+    def model_sha256(self, path: Path) -> str:
+        """A model file's SHA-256, computed once and remembered in the cache (a LoRA run's base, too)."""
+        return model_fingerprint(path, self.root / "model_fingerprints.json")
 
     def latent_key(self, image_sha: str, size: tuple[int, int] | None = None) -> str:
         """The key of an image's latent at ``size`` (width, height; default: resolution x resolution)."""

@@ -112,12 +112,13 @@ def add_adapters(model: nn.Module, targets: Sequence[str], rank: int, alpha: flo
 class LoraRun:
     """What a LoRA run adds to full training: the adapters, the frozen base for samples, the file it saves."""
 
-    def __init__(self, model: AAADiT, base_path: Path, rank: int, alpha: float, targets: Sequence[str], keep_base: bool):
+    def __init__(self, model: AAADiT, base_path: Path, base_sha256: str, rank: int, alpha: float, targets: Sequence[str],
+                 keep_base: bool):
         alpha = alpha or float(rank)
         # The frozen base, for the samples: the adapted model is a copy of it with the adapters merged in.
         self.base = copy.deepcopy(model).eval().requires_grad_(False) if keep_base else None
         self.adapters = add_adapters(model, targets, rank, alpha)
-        self.settings = {"rank": rank, "alpha": alpha, "targets": list(targets), "base_sha256": file_sha256(base_path)}
+        self.settings = {"rank": rank, "alpha": alpha, "targets": list(targets), "base_sha256": base_sha256}
         self.base_file = base_path.name
         self._base_grid: Image.Image | None = None
         count = sum(p.numel() for p in self.adapters.parameters())

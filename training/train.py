@@ -163,7 +163,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         model.to(device=device, dtype=compute_dtype)
         num_params = sum(p.numel() for p in model.parameters())
         log.info("AAADiT %s: %.1fM parameters", model.config, num_params / 1e6)
-        lora = LoraRun(model, init_path, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, bool(cfg.sample_every)) if cfg.lora_rank else None
+        lora = LoraRun(model, init_path, cache.model_sha256(init_path), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                       bool(cfg.sample_every)) if cfg.lora_rank else None
         trained = lora.adapters if lora else model  # what the optimizer, the EMA and the states hold
 
         # ------------------------------------------------------------ EMA
