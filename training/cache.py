@@ -104,18 +104,6 @@ class FileFacts:
             self._changed = False
 
 
-def model_fingerprint(path: Path, memo_file: Path) -> str:
-    """The SHA-256 of a model file, computed once (``FileFacts``)."""
-    def hash_file(path: Path) -> str:
-        log.info("hashing %s (once; identifies the model in the cache keys)", path)
-        return file_sha256(path)
-
-    facts = FileFacts(memo_file)
-    sha = facts.get(path, "sha256", hash_file, lambda value: isinstance(value, str))
-    facts.save()
-    return sha
-
-
 @contextlib.contextmanager
 def writing_to_cache(path: Path) -> Iterator[None]:
     """Turns an OS error while writing ``path`` into one line that says what to do."""
@@ -155,7 +143,14 @@ class EncodingCache:
 
     def model_sha256(self, path: Path) -> str:
         """A model file's SHA-256, computed once and remembered in the cache (a LoRA run's base, too)."""
-        return model_fingerprint(path, self.root / "model_fingerprints.json")
+        def hash_file(path: Path) -> str:
+            log.info("hashing %s (once; identifies the model in the cache keys)", path)
+            return file_sha256(path)
+
+        facts = FileFacts(self.root / "model_fingerprints.json")
+        sha = facts.get(path, "sha256", hash_file, lambda value: isinstance(value, str))
+        facts.save()
+        return sha
 
     def latent_key(self, image_sha: str, size: tuple[int, int] | None = None) -> str:
         """The key of an image's latent at ``size`` (width, height; default: resolution x resolution)."""
