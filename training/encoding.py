@@ -113,9 +113,10 @@ def fill_cache(
 def _encode_images(entries: list[LatentEntry], cache, vae_path, device, batch_size, stats, main, should_stop) -> dict[Path, str]:
     """Encodes and stores ``entries``, one bucket size per VAE batch; returns why each unreadable image was left out."""
     vae, failures = None, {}
-    by_size = sorted(entries, key=lambda entry: entry.size)
-    batches = [group[start : start + batch_size] for _, members in groupby(by_size, key=lambda entry: entry.size)
-               for group in [list(members)] for start in range(0, len(group), batch_size)]
+    batches = []
+    for _, same_size in groupby(sorted(entries, key=lambda entry: entry.size), key=lambda entry: entry.size):
+        same_size = list(same_size)
+        batches += [same_size[start : start + batch_size] for start in range(0, len(same_size), batch_size)]
     with tqdm(total=len(entries), desc="encoding images", unit="img", disable=None if main else True) as bar:
         for batch in batches:
             if should_stop():
