@@ -174,8 +174,16 @@ def checked_comfy_image(images: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def comfy_to_vae(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE ``(B,H,W,C)`` in [0, 1] -> VAE input ``(B,3,H,W)`` in [-1, 1] (alpha dropped)."""
-    return images[..., :3].movedim(-1, 1) * 2 - 1
+    """ComfyUI IMAGE ``(B,H,W,C)`` in [0, 1] -> VAE input ``(B,3,H,W)`` in [-1, 1] (alpha dropped).
+
+    Made to equal ``pil_to_tensor`` bit for bit on Load Image's pictures, so a ComfyUI graph gives
+    the CLI's (and the reference's) pixels:
+    - scaled as 0..255 pixels are, ``p * (2/255) - 1``: ``x * 2 - 1`` differs by one float32 ulp
+      on 111 of the 256 levels, and Load Image's ``p / 255`` times 255 gives ``p`` back exactly;
+    - contiguous: the channels-last view that ``movedim`` returns makes the VAE's convolutions
+      take other CPU kernels, which differ by about 1e-5 in the latents.
+    """
+    return ((images[..., :3] * 255) * (2 / 255) - 1).movedim(-1, 1).contiguous()
 
 
 def vae_to_comfy(images: torch.Tensor) -> torch.Tensor:

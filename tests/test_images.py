@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from aaa_core.cli import main
 from aaa_core.errors import InputError
-from aaa_core.images import open_rgb
+from aaa_core.images import comfy_to_vae, open_rgb, pil_to_tensor
 from node_helpers import errors, one_line_error
 from pack_import import node
 from test_training import argv
@@ -105,6 +105,18 @@ def test_8_bit_modes_give_the_pixels_of_comfyui_load_image(tmp_path, mode):
     pixels = np.array(open_rgb(path))
     assert pixels.shape == (6, 5, 3) and pixels.dtype == np.uint8
     assert np.array_equal(pixels, _comfyui_load_image_rgb(path))
+
+
+def test_load_image_pixels_reach_the_vae_exactly_as_the_clis():
+    """Every 8-bit level, scaled as Load Image does (p / 255), enters the VAE bit for bit as the
+    CLI's pixels do, in a contiguous layout (a channels-last view takes other conv kernels)."""
+    levels = np.arange(256, dtype=np.uint8)
+    rows, cols = np.meshgrid(levels, levels, indexing="ij")
+    rgb = np.stack([rows, cols, 255 - rows], -1)
+    from_load_image = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
+    ours = comfy_to_vae(from_load_image)
+    assert ours.is_contiguous() and ours.shape == (1, 3, 256, 256)
+    assert torch.equal(ours, pil_to_tensor(Image.fromarray(rgb)))
 
 
 def test_alpha_is_dropped_keeping_the_colours_under_it(tmp_path):
