@@ -18,11 +18,12 @@ from . import downloads
 from .devices import resolve_device, resolve_dtype
 from .dit import AAADiT, load_dit
 from .errors import InputError
+from .geometry import latent_size
 from .guards import require_finite
 from .images import pil_to_tensor, resize_cover, tensor_to_pil
 from .limits import MAX_BATCH_SIZE, MAX_STEPS, SEED_MAX, check_finite, check_int_range, check_text
 from .preflight import check_model_files, check_models_fit
-from .sampling import StepCallback, latent_size, make_noise, sample
+from .sampling import StepCallback, make_noise, sample
 from .text_encoder import Qwen3TextEncoder, load_text_encoder
 from .vae import Flux2VAE, load_vae
 

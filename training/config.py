@@ -19,6 +19,7 @@ from aaa_core.cli import OneLineParser
 from aaa_core.devices import cpu_has_native_bf16
 from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
 from aaa_core.errors import InputError
+from aaa_core.geometry import DOWNSCALE
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
@@ -151,7 +152,7 @@ class TrainConfig:
         self._apply_model_preset()
         checks = [
             (self.data != "", "no training data: pass --data FOLDER_OR_CSV (or set data in the --config file)"),
-            (self.resolution >= 16 and self.resolution % 16 == 0, f"resolution {self.resolution} is not a positive multiple of 16"),
+            (self.resolution >= DOWNSCALE and self.resolution % DOWNSCALE == 0, f"resolution {self.resolution} is not a positive multiple of {DOWNSCALE}"),
             (self.resolution <= MAX_RESOLUTION, f"resolution {self.resolution} is above the maximum of {MAX_RESOLUTION}"),
             (0 <= self.seed <= NUMPY_SEED_MAX, f"seed {self.seed} must be between 0 and {NUMPY_SEED_MAX} (numpy's seed range)"),
             (0 <= self.sample_seed <= SEED_MAX, f"sample_seed {self.sample_seed} must be between 0 and {SEED_MAX}"),
