@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from aaa_core.checkpoint import save_safetensors
-from aaa_core.devices import cpu_has_native_bf16
+from aaa_core.devices import DTYPES, bf16_is_native
 from aaa_core.outputs import atomic_output, sweep_temp_files
 from aaa_core.errors import InputError, OutputError
 from aaa_core.geometry import LATENT_CHANNELS, TEXT_TOKENS, latent_size
@@ -246,6 +246,6 @@ def encoder_dtype_for(name: str, device: torch.device) -> torch.dtype:
     """Encoder / cache dtype: bf16 as the reference runs both encoders, where the hardware computes it
     (GPUs, CPUs with AVX512-BF16 or AMX); fp32 on other CPUs, where bf16 is emulated and slower."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        return torch.bfloat16 if bf16_is_native(device.type) else torch.float32
+    return DTYPES[name]
 

@@ -36,6 +36,7 @@ import torch
 
 from aaa_core.checkpoint import check_state_dict_matches, save_safetensors
 from aaa_core.outputs import atomic_output, temp_path_for
+from aaa_core.devices import DTYPES
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
 
@@ -49,7 +50,7 @@ PROGRESS_FILE = "progress.json"  # written last: a state folder without it is no
 # Version of the state folder's layout, in progress.json. 1 (no entry): pickled .pt files, no
 # longer read; 2: safetensors only, with the run id.
 STATE_FORMAT = 2
-SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SAVE_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp32")}
 # Options that change the numbers a resumed run computes; a change is allowed but warned about.
 RESUME_SENSITIVE = (
     "resolution", "buckets", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1",
