@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from aaa_core.checkpoint import check_state_dict_matches, save_safetensors
-from aaa_core.outputs import atomic_output, temp_path_for
+from aaa_core.outputs import temp_path_for
 from aaa_core.devices import DTYPES
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
@@ -332,6 +332,3 @@ def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str =
     return save_weights(tensors, output, config, progress.get("step", 0), weights, SAVE_DTYPES[dtype], progress.get("run_id", ""))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
