@@ -23,11 +23,11 @@ REGISTRY_OS = ("Microsoft", "POSIX", "MacOS", "OS Independent")
 REGISTRY_ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend", "GPU :: Apple Metal"}
 
 
-def table_names(page: str, heading: str) -> list[str]:
-    """The backquoted names in the first column of the table under ``## heading``."""
+def listed_names(page: str, heading: str) -> list[str]:
+    """The names the list under ``## heading`` explains, one item each: ``- `name` (type): what it does``."""
     section = re.search(rf"^## {heading}\n(.*?)(?=^## |\Z)", page, re.M | re.S)
     assert section, f"no '## {heading}' section"
-    return re.findall(r"^\| `([^`]+)` \|", section.group(1), re.M)
+    return re.findall(r"^- `([^`]+)` \(", section.group(1), re.M)
 
 
 @pytest.mark.parametrize("node_id", sorted(NODES))
@@ -38,8 +38,8 @@ def test_every_node_has_a_help_page_that_names_its_inputs_and_outputs(node_id: s
     assert page.startswith(f"# {import_pack().NODE_DISPLAY_NAME_MAPPINGS[node_id]}\n")
     cls = NODES[node_id]
     inputs = cls.INPUT_TYPES()
-    assert table_names(page, "Inputs") == [*inputs.get("required", {}), *inputs.get("optional", {})]
-    assert table_names(page, "Outputs") == list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
+    assert listed_names(page, "Inputs") == [*inputs.get("required", {}), *inputs.get("optional", {})]
+    assert listed_names(page, "Outputs") == list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
 
 
 def test_no_help_page_without_its_node() -> None:
