@@ -45,7 +45,7 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
-VIEWPORT = {"width": 1600, "height": 1000}
+VIEWPORT = {"width": 2200, "height": 1300}  # wide enough that a fitted graph is drawn in full detail
 PlaywrightTimeout = TimeoutError  # Playwright's own once run() has imported it (this module loads without it)
 BOX_TOLERANCE = 1.0  # graph units: a node the frontend moved or resized by more is drawn wrongly in its thumbnail
 
