@@ -37,6 +37,12 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sys.exit("tests/frontend_check.py needs Playwright in this Python: pip install playwright")
+
 log = logging.getLogger("frontend_check")
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -46,7 +52,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 VIEWPORT = {"width": 2200, "height": 1300}  # wide enough that a fitted graph is drawn in full detail
-PlaywrightTimeout = TimeoutError  # Playwright's own once run() has imported it (this module loads without it)
 BOX_TOLERANCE = 1.0  # graph units: a node the frontend moved or resized by more is drawn wrongly in its thumbnail
 
 
@@ -232,10 +237,6 @@ def problems(report: dict) -> list[str]:
 
 
 def run(comfyui: Path, python: str, chromium: str, out: Path) -> dict:
-    global PlaywrightTimeout
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from playwright.sync_api import sync_playwright
-
     out.mkdir(parents=True, exist_ok=True)
     with comfyui_server(comfyui, python, out / "comfyui.log") as url, sync_playwright() as playwright:
         pack_nodes = sorted(
