@@ -8,6 +8,7 @@ bad inputs reported by name, data layouts, the data order, the config file, fine
 import importlib
 import logging
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def test_training_learns_and_writes_loadable_checkpoints(models, dataset, tmp_pa
     caplog.set_level(logging.INFO)
     out = tmp_path / "run"
     summary = run(models, dataset, out, "--max-steps", 40, "--batch-size", 6, "--sample-every", 20,
-                  "--tensorboard", "--save-every", 20, "--warmup", "linear", "--warmup-steps", 3)
+                  "--tensorboard", "--save-every", 20, "--warmup", "linear", "--warmup-steps", 3, "--peak-flops", 1e12)
 
     # Learning: the mean loss of the last 10 steps is well below that of the first 10.
     losses = [loss for _, loss in summary.losses]
@@ -176,7 +177,9 @@ def test_training_learns_and_writes_loadable_checkpoints(models, dataset, tmp_pa
     assert (out / "samples" / "step-000020.png").is_file() and (out / "samples" / "step-000040.png").is_file()
     assert Image.open(out / "samples" / "step-000040.png").size == (64, 64)  # 4 prompts of 32x32 in a 2x2 grid
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert "step 40/40" in (out / "train.log").read_text(encoding="utf-8")
+    log_text = (out / "train.log").read_text(encoding="utf-8")
+    assert "step 40/40" in log_text
+    assert re.search(r"img/s \| MFU \d+\.\d%", log_text)  # a CPU has no known peak: --peak-flops gives it
     assert parse_config(["--config", str(out / "config.toml")]).batch_size == 6
 
     # Bad inputs: skipped, named, counted; never fatal.

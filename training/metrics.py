@@ -38,11 +38,12 @@ def peak_flops(device: torch.device, override: float = 0.0) -> float | None:
     if override > 0:
         return override
     if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if re.search(rf"\b{re.escape(key)}\b", name):
-            return flops
+        name = f"the {device.type} device"  # a CPU's peak depends on cores, clock and vector units
+    else:
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_BF16_FLOPS:
+            if re.search(rf"\b{re.escape(key)}\b", name):
+                return flops
     log.info("no peak FLOP/s known for %s; pass --peak-flops to log MFU", name)
     return None
 

@@ -109,24 +109,34 @@ def render(workflow_path: Path, display_names: dict[str, str]) -> Image.Image:
         x_title_end, y_title_end = xy(node["pos"][0] + node["size"][0], node["pos"][1])
         draw.rounded_rectangle((x0, y0, x1, y1), radius=6, fill=node.get("bgcolor", NODE))
         draw.rounded_rectangle((x0, y0, x_title_end, y_title_end), radius=6, fill=node.get("color", TITLE_BAR))
-        draw.text((x0 + 6, y0 + 3), node_title(node, display_names), fill=TEXT, font=title_font)
+        draw.text((x0 + 6, y0 + 3), fit(node_title(node, display_names), title_font, x1 - x0 - 12), fill=TEXT, font=title_font)
+        half = (x1 - x0) / 2 - 12  # an input's and an output's label share a row, as on the canvas
         for index, slot in enumerate(node.get("inputs", [])):
             cx, cy = socket(node, index, False)
             draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=TYPE_COLOURS.get(slot["type"], DIM))
-            draw.text((cx + 8, cy - 7 * scale), slot["name"], fill=DIM, font=small)
+            draw.text((cx + 8, cy - 7 * scale), fit(slot["name"], small, half), fill=DIM, font=small)
         for index, slot in enumerate(node.get("outputs", [])):
             cx, cy = socket(node, index, True)
             draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=TYPE_COLOURS.get(slot["type"], DIM))
-            draw.text((cx - 8, cy - 7 * scale), slot["name"], fill=DIM, font=small, anchor="ra")
+            draw.text((cx - 8, cy - 7 * scale), fit(slot["name"], small, half), fill=DIM, font=small, anchor="ra")
         rows = max(len(node.get("inputs", [])), len(node.get("outputs", [])))
         _, text_y = xy(0, node["pos"][1] + ROW * rows + 6)
         characters = max(8, int(node["size"][0] / 9))
         for line in widget_lines(node, characters):
             if text_y + 10 * scale > y1:
                 break
-            draw.text((x0 + 8, text_y), line, fill=TEXT, font=small)
+            draw.text((x0 + 8, text_y), fit(line, small, x1 - x0 - 16), fill=TEXT, font=small)
             text_y += 18 * scale
     return image
+
+
+def fit(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
+    """``text`` cut to ``width`` pixels with an ellipsis, as the canvas cuts labels that do not fit its node."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…" if text else ""
 
 
 def _bezier(p0, p1, p2, p3, t: float) -> tuple[float, float]:
