@@ -88,15 +88,15 @@ def run(*args, **kwargs):
     return train(parse_config(argv(*args, **kwargs)))
 
 
-def run_interrupted(monkeypatch, *args, at_loss_call: int, **kwargs):
-    """``run`` that gets a real Ctrl-C (SIGINT) during its ``at_loss_call``-th loss computation."""
+def run_interrupted(monkeypatch, *args, at_loss_call: int, signum: int = signal.SIGINT, **kwargs):
+    """``run`` that gets a real Ctrl-C (SIGINT, or ``signum``) during its ``at_loss_call``-th loss computation."""
     calls = {"n": 0}
     real_loss = training.train.flow_matching_loss
 
     def loss_then_ctrl_c(*loss_args, **loss_kwargs):
         calls["n"] += 1
         if calls["n"] == at_loss_call:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return real_loss(*loss_args, **loss_kwargs)
 
     monkeypatch.setattr(training.train, "flow_matching_loss", loss_then_ctrl_c)

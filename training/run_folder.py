@@ -1,10 +1,12 @@
 """One output folder, one run: the run's identity, the refusal to mix runs, ``--overwrite``, stale temp files.
 
-``OUTPUT_DIR/run.json`` names the run that owns the folder (a random id, also written into each
-of its states and checkpoints). A fresh run is refused in a folder that holds saved states or
-checkpoints, because pruning and ``--resume`` would mix the two runs; ``--resume`` continues the
-owner, and ``--overwrite`` deletes what the trainer wrote there before (the encoding cache stays).
-Temporary files and folders that a killed save left behind are deleted at every start.
+While a run is on, ``run_lock.py`` keeps any other trainer out of its folder. ``OUTPUT_DIR/run.json``
+names the run that owns the folder (a random id, also written into each of its states and
+checkpoints). A fresh run is refused in a folder that holds saved states or checkpoints, because
+pruning and ``--resume`` would mix the two runs; ``--resume`` continues the owner (afresh, under
+its id, if it saved no state yet), and ``--overwrite`` deletes what the trainer wrote there before
+(the encoding cache stays). Temporary files and folders that a killed save left behind are
+deleted at every start.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Callable
 from aaa_core.outputs import is_temp_file, sweep_temp_files
 from aaa_core.errors import InputError
 
-from .checkpoints import list_states, state_run_id, write_text_atomic
+from .checkpoints import find_state, list_states, read_progress, state_run_id, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,19 @@ def folder_run_id(out: Path) -> str | None:
         pass
     states = list_states(out / "states")
     return state_run_id(states[-1]) if states else None
+
+
+def run_to_continue(out: Path, resume: str) -> tuple[Path | None, str | None]:
+    """The state a run continues from and the id it runs under: None, None for a fresh run.
+
+    A ``--resume`` whose run has no state yet (it was stopped or killed before its first one)
+    starts that run afresh under its own id, so the outputs it left count as its own.
+    """
+    if not resume:
+        return None, None
+    owner = folder_run_id(out)
+    state = find_state(resume, out / "states", owner)
+    return state, read_progress(state)["run_id"] if state else owner
 
 
 def saved_outputs(out: Path) -> list[Path]:
