@@ -1,8 +1,8 @@
 """One trainer per output folder: an OS lock on ``OUTPUT_DIR/run.lock``, held for the whole run.
 
 The main process takes an exclusive, non-blocking lock on the file before anything is written
-into the folder and keeps it until ``train`` returns; it also writes its PID there, which only
-serves to name the holder in a refusal. The other processes of a multi-process run learn the main
+into the folder and keeps it until ``train`` returns, then deletes the file; it also writes its PID
+there, which only serves to name the holder in a refusal. The other processes of a multi-process run learn the main
 process's verdict (:func:`lock_output_dir`), so every process of a second trainer refuses before
 writing anything. The operating system drops the lock when its process dies, ``kill -9``
 included, so the lock of a killed run is simply taken over at the next start.
@@ -49,20 +49,24 @@ class RunLock:
     def try_acquire(cls, folder: Path) -> tuple["RunLock | None", int]:
         """Locks ``folder``: ``(lock, FREE)``, or ``(None, holder's PID)`` when another process holds it."""
         path = folder / LOCK_FILE
-        try:
-            handle = open(path, "a+", encoding="ascii")  # "a": never empties the holder's PID before the lock is ours
-        except OSError as err:
-            raise InputError(f"{path}: cannot be created ({err.strerror or err}); pick another --output-dir") from None
-        try:
-            if not _lock(handle):
-                handle.close()
-                return None, _read_pid(path)
-        except OSError as err:
-            if err.errno not in _NO_LOCKING:
-                handle.close()
-                raise InputError(f"{path}: cannot be locked ({err.strerror or err}); pick another --output-dir") from None
-            log.warning("%s: this file system cannot lock files (%s); make sure no other trainer uses this folder",
-                        path, err.strerror or err)
+        while True:
+            try:
+                handle = open(path, "a+", encoding="ascii")  # "a": never empties the holder's PID before the lock is ours
+            except OSError as err:
+                raise InputError(f"{path}: cannot be created ({err.strerror or err}); pick another --output-dir") from None
+            try:
+                if not _lock(handle):
+                    handle.close()
+                    return None, _read_pid(path)
+            except OSError as err:
+                if err.errno not in _NO_LOCKING:
+                    handle.close()
+                    raise InputError(f"{path}: cannot be locked ({err.strerror or err}); pick another --output-dir") from None
+                log.warning("%s: this file system cannot lock files (%s); make sure no other trainer uses this folder",
+                            path, err.strerror or err)
+            if _is_the_file_at(handle, path):
+                break
+            handle.close()  # its holder deleted it on release between our open and our lock: lock the new one
         previous = _read_pid(path)
         if previous not in (UNKNOWN_PID, os.getpid()):
             log.info("%s: taking over the lock of process %d, which has ended", path, previous)
@@ -73,10 +77,16 @@ class RunLock:
         return cls(path, handle), FREE
 
     def release(self) -> None:
-        if self._handle is not None:
-            _unlock(self._handle)
-            self._handle.close()
-            self._handle = None
+        """Deletes the lock file (a refused run leaves its folder as it found it) and frees the lock."""
+        if self._handle is None:
+            return
+        if fcntl is not None:  # deleted while still locked, so no other process can have locked it in between
+            _delete_quietly(self.path)
+        _unlock(self._handle)
+        self._handle.close()
+        self._handle = None
+        if fcntl is None:  # Windows deletes no open file
+            _delete_quietly(self.path)
 
 
 def lock_output_dir(out: Path, is_main: bool, from_main: Callable[[int], int]) -> RunLock | None:
@@ -151,6 +161,21 @@ def _unlock(handle: TextIO) -> None:
     else:
         handle.seek(_WINDOWS_LOCK_BYTE)
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def _is_the_file_at(handle: TextIO, path: Path) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _delete_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError as err:  # the lock is what counts; a leftover file is taken over at the next start
+        log.warning("could not delete %s (%s)", path, err.strerror or err)
 
 
 def _read_pid(path: Path) -> int:
