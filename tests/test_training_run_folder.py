@@ -137,3 +137,27 @@ def test_sigterm_saves_a_state_that_resumes_bit_for_bit(models, dataset, saved, 
     resumed = run(models, dataset, out, *SAVED, "--max-steps", 2, "--resume", cache=saved[1])
     assert_same_state(resumed.state, saved[0] / "states" / "step-000002")
     assert_same_checkpoint(resumed.checkpoint, saved[0] / "checkpoints" / "saved-step-000002.safetensors", same_run=False)
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(models, dataset, saved, tmp_path, caplog):  # noqa: F811
+    # The example: no run ever wrote into this folder, so --overwrite touches nothing in it.
+    photos = tmp_path / "photos"
+    (photos / "samples").mkdir(parents=True)
+    (photos / "samples" / "photo.png").write_bytes(b"a user's photo")
+    (photos / "config.toml").write_text('data = "mine"\n', encoding="utf-8")
+    before = snapshot(photos)
+    assert main(argv(models, dataset, photos, "--overwrite", "--max-steps", 1, cache=saved[1])) == 1
+    assert error_lines(caplog) == [
+        f"{photos}: --overwrite deletes only what the trainer wrote, but no run.json or training state says a trainer "
+        "wrote samples, config.toml; move them away or pick another --output-dir"]
+    assert snapshot(photos) == before
+
+    # A run's folder: its files go, a user's files among them stay.
+    out = copy_run(saved, tmp_path)
+    (out / "samples").mkdir()
+    for user_file in ("samples/photo.png", "checkpoints/mine.safetensors", "states/notes.txt", "notes.txt"):
+        (out / user_file).write_bytes(b"a user's file")
+    run(models, dataset, out, "--overwrite", "--max-steps", 1, cache=saved[1])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mine.safetensors", "run-step-000001.safetensors"]
+    assert sorted(p.name for p in (out / "states").iterdir()) == ["notes.txt", "step-000001"]
+    assert (out / "samples" / "photo.png").read_bytes() == (out / "notes.txt").read_bytes() == b"a user's file"

@@ -115,9 +115,10 @@ class TrainConfig:
 
     # --- run ------------------------------------------------------------------------------
     output_dir: str = option("runs/aaa", "run folder: checkpoints/, states/, samples/, tensorboard/, train.log", RUN)
-    overwrite: bool = option(False, "start afresh in an OUTPUT_DIR that holds another run: deletes its states/, checkpoints/, "
-                             "samples/, tensorboard/, train.log, config.toml and run.json (the encoding cache is kept); "
-                             "without it such a run is refused. Not recorded in config.toml", RUN)
+    overwrite: bool = option(False, "start afresh in an OUTPUT_DIR that holds another run: deletes the files that run wrote "
+                             "(its states, checkpoints, sample grids, TensorBoard logs, train.log, config.toml and run.json; "
+                             "other files and the encoding cache stay); without it such a run is refused. Refused in a "
+                             "folder that no run.json or training state marks as a run's. Not recorded in config.toml", RUN)
     seed: int = option(0, "seed for the init, the data order, the noise and the timesteps", RUN)
     max_steps: int = option(10000, "stop after this many optimizer steps (0 = no limit; then max_epochs must be set)", RUN)
     max_epochs: float = option(0.0, "stop after this many passes over the data (0 = no limit); the first limit reached wins", RUN)

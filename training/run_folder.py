@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -22,15 +23,21 @@ from typing import Callable
 from aaa_core.outputs import is_temp_file, sweep_temp_files
 from aaa_core.errors import InputError
 
-from .checkpoints import find_state, list_states, read_progress, state_run_id, write_text_atomic
+from .checkpoints import STATE_PATTERN, find_state, list_states, read_progress, state_run_id, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-# What --overwrite deletes: everything the trainer writes into OUTPUT_DIR except the encoding cache.
-RUN_FOLDERS = ("states", "checkpoints", "samples", "tensorboard")
+# What the trainer writes into OUTPUT_DIR besides the encoding cache and run.lock, and the names it
+# gives the files in each folder: --overwrite deletes these alone, so a user's file there stays.
 RUN_FILES = ("train.log", "config.toml", RUN_FILE)
-RUN_OUTPUTS = RUN_FOLDERS + RUN_FILES
+RUN_FOLDERS = {
+    "states": STATE_PATTERN,
+    "checkpoints": re.compile(r".+-step-\d+\.safetensors"),
+    "samples": re.compile(r"step-\d+\.png|prompts\.txt"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
+}
+RUN_OUTPUTS = (*RUN_FOLDERS, *RUN_FILES)
 TEMP_FOLDERS = (".", "states", "checkpoints", "samples")  # where atomic writes put their temporary files
 
 
@@ -80,7 +87,9 @@ def claim_output_dir(
     process deletes the previous run's outputs (``overwrite``), sweeps temporary files and writes
     run.json, and every process reads the id back from it.
     """
-    _check_usable(out, overwrite)
+    _check_usable(out)
+    if overwrite:
+        _check_written_by_a_trainer(out)
     owned = run_id is not None and folder_run_id(out) == run_id
     previous = [] if owned else saved_outputs(out)
     if previous and not overwrite:
@@ -107,7 +116,7 @@ def claim_output_dir(
         ) from None
 
 
-def _check_usable(out: Path, overwrite: bool) -> None:
+def _check_usable(out: Path) -> None:
     """Creates ``out``; refuses one the run could not write into (checked on every process, before any writes)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -115,20 +124,43 @@ def _check_usable(out: Path, overwrite: bool) -> None:
         raise InputError(f"{out}: cannot be the output folder ({err.strerror or err}); pick another --output-dir") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"{out}: the output folder is not writable; pick another --output-dir")
-    for name in () if overwrite else RUN_OUTPUTS:  # --overwrite deletes whatever is there
+    for name in RUN_OUTPUTS:
         path = out / name
         if path.exists() and path.is_dir() != (name in RUN_FOLDERS):
             expected = "a folder" if name in RUN_FOLDERS else "a file"
             raise InputError(f"{path}: the trainer writes {expected} here; move it away or pick another --output-dir")
 
 
+def _check_written_by_a_trainer(out: Path) -> None:
+    """``--overwrite`` acts only where run.json or a training state says a trainer wrote the files it would delete."""
+    if folder_run_id(out) is not None or list_states(out / "states"):
+        return
+    found = [name for name in RUN_OUTPUTS if os.path.lexists(out / name)]
+    if found:
+        raise InputError(f"{out}: --overwrite deletes only what the trainer wrote, but no {RUN_FILE} or training state "
+                         f"says a trainer wrote {', '.join(found)}; move them away or pick another --output-dir")
+
+
 def _delete_previous_run(out: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
+    """Deletes the previous run's files by the trainer's own names; anything else in its folders stays."""
+    for name in RUN_FILES:
+        _delete(out / name)
+    for name, pattern in RUN_FOLDERS.items():
+        folder = out / name
+        if not folder.is_dir() or folder.is_symlink():
             continue
-        log.warning("--overwrite: deleted %s", path)
+        for path in sorted(folder.iterdir()):
+            if pattern.fullmatch(path.name):
+                _delete(path)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    else:
+        return
+    log.warning("--overwrite: deleted %s", path)

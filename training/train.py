@@ -17,7 +17,7 @@ Stop a launched run: signal the training processes, ``pkill -TERM -P LAUNCHER_PI
 the launcher exits 0. Ctrl-C or SIGTERM on the launcher saves too, but torchrun then reports its own
 signal as a failure (SignalException traceback, exit 1), and it kills processes still saving after
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30; raise it for large states or slow disks).
-Start afresh in a folder that holds another run (deletes its states and checkpoints):
+Start afresh in a folder that holds another run (deletes the files that run wrote; one trainer per folder at a time):
     python -m training --config training/configs/pokemon.toml --overwrite
 Mixed image shapes and a data set larger than memory (aspect buckets; shards read by DataLoader workers):
     python -m training --config training/configs/pokemon.toml --buckets aspect --data-loading shards
