@@ -3,9 +3,10 @@
 Covers: a second trainer refused while a run holds the folder's lock (nothing of the first run
 changes), the lock of a kill -9'd trainer taken over, exports into a running run's states/
 refused, the folders a kill -9 leaves between a state and its checkpoint resumed bit for bit,
-SIGTERM.
+SIGTERM, ``--overwrite`` limited to a run's own files, config.toml recording the sizes that ran.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,8 +22,10 @@ import training.train
 from aaa_core.checkpoint import read_safetensors
 from aaa_core.outputs import temp_path_for
 from test_training import REPO, argv, dataset, models, run, run_interrupted  # noqa: F401 (fixtures)
+from tiny_models import TINY_DIT, save_tiny_dit
 from test_training_states import copy_run, error_lines, saved  # noqa: F401 (fixtures)
 from training import export
+from training.config import parse_config
 from training.state_files import load_tree
 from training.train import main
 
@@ -161,3 +164,38 @@ def test_overwrite_deletes_only_what_a_run_wrote(models, dataset, saved, tmp_pat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mine.safetensors", "run-step-000001.safetensors"]
     assert sorted(p.name for p in (out / "states").iterdir()) == ["notes.txt", "step-000001"]
     assert (out / "samples" / "photo.png").read_bytes() == (out / "notes.txt").read_bytes() == b"a user's file"
+
+
+def recorded_sizes(folder):
+    cfg = parse_config(["--config", str(folder / "config.toml")])
+    return cfg.model, cfg.dim, cfg.depth, cfg.num_heads
+
+
+def size_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--model" in r.getMessage()]
+
+
+def test_config_toml_records_the_sizes_that_ran(models, dataset, saved, tmp_path, caplog):  # noqa: F811
+    def as_aaa_s(args):  # the tiny run's options, with --model AAA-S (dim 512) instead of its sizes
+        tiny = {"--dim", "--depth", "--num-heads"}
+        return [a for i, a in enumerate(args) if a not in tiny and args[i - 1] not in tiny] + ["--model", "AAA-S"]
+
+    # The issue's first example: --model AAA-S --init-from a 96-wide file.
+    wide = save_tiny_dit(tmp_path / "wide.safetensors", dataclasses.replace(TINY_DIT, dim=96, num_heads=6))
+    out = tmp_path / "fine-tune"
+    assert main(as_aaa_s(argv(models, dataset, out, "--init-from", wide, "--max-steps", 1, cache=saved[1]))) == 0
+    assert recorded_sizes(out) == ("AAA-S", 96, 2, 6)
+    assert size_warnings(caplog) == [
+        f"--model AAA-S, --dim, --depth and --num-heads give dim 512, depth 8, 16 heads, but {wide} holds dim 96, depth 2, "
+        "6 heads: the run trains at the file's sizes, and config.toml records them"]
+
+    # The second: resuming a 64-wide run with --model AAA-S.
+    caplog.clear()
+    out = copy_run(saved, tmp_path)
+    assert main(as_aaa_s(argv(models, dataset, out, "--resume", *SAVED, "--max-steps", 2, cache=saved[1]))) == 0
+    assert recorded_sizes(out) == ("AAA-S", 64, 2, 4)
+    [warning] = size_warnings(caplog)
+    assert f"but {out / 'states' / 'step-000002'} holds dim 64, depth 2, 4 heads" in warning
+    caplog.clear()
+    assert main(["--config", str(out / "config.toml"), "--resume", "--max-steps", "2"]) == 0  # what it records runs as it is
+    assert not size_warnings(caplog)

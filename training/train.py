@@ -117,8 +117,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
         state, resumed_run = run_to_continue(out, cfg.resume)
         run_id = claim_output_dir(out, resumed_run, cfg.overwrite, is_main, barrier)
         log_file = log_to_file(out / "train.log", is_main)
-        if is_main:
-            write_text_atomic(out / "config.toml", cfg.to_toml())
         log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
 
         # ------------------------------------------------------------ data
@@ -151,11 +149,15 @@ def train(cfg: TrainConfig) -> TrainSummary:
         np.random.seed(cfg.seed)
         if state is not None and not cfg.lora_rank:  # sizes from the state; the weights are loaded below
             model = AAADiT(state_model_config(state))
+            cfg = cfg.with_sizes_of(model.config, state)
         elif cfg.init_from:
             model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
             log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
+            cfg = cfg.with_sizes_of(model.config, init_path)
         else:
             model = AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=text_dim))
+        if is_main:  # what runs, now that the sizes are decided
+            write_text_atomic(out / "config.toml", cfg.to_toml())
         if (model.config.latent_channels, model.config.text_dim) != (LATENT_CHANNELS, text_dim):
             raise InputError(
                 f"the DiT takes {model.config.latent_channels}-channel latents and {model.config.text_dim}-wide prompts, "
