@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from aaa_core.outputs import is_temp_file, sweep_temp_files
-from aaa_core.errors import InputError
+from aaa_core.errors import InputError, OutputError
+from aaa_core.outputs import check_writable, is_temp_file, sweep_temp_files
 
 from .checkpoints import STATE_PATTERN, find_state, list_states, read_progress, state_run_id, write_text_atomic
 
@@ -83,11 +83,11 @@ def claim_output_dir(
 ) -> str:
     """Makes ``out`` the folder of run ``run_id`` (a resumed run) or of a new run (``None``); returns the id.
 
-    Every process checks before any of them changes a file, so all refuse together. Then the main
+    Call it with the folder checked (:func:`check_output_dir`) and locked (``run_lock.py``). Every
+    process checks before any of them changes a file, so all refuse together. Then the main
     process deletes the previous run's outputs (``overwrite``), sweeps temporary files and writes
     run.json, and every process reads the id back from it.
     """
-    _check_usable(out)
     if overwrite:
         _check_written_by_a_trainer(out)
     owned = run_id is not None and folder_run_id(out) == run_id
@@ -116,12 +116,16 @@ def claim_output_dir(
         ) from None
 
 
-def _check_usable(out: Path) -> None:
-    """Creates ``out``; refuses one the run could not write into (checked on every process, before any writes)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"{out}: cannot be the output folder ({err.strerror or err}); pick another --output-dir") from None
+def check_output_dir(out: Path) -> None:
+    """Refuses an output folder the run could not create or write into; creates nothing (call on every process)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: cannot be the output folder (a file has that name); pick another --output-dir")
+    if not out.exists():
+        try:
+            check_writable([out / RUN_FILE])
+        except OutputError as err:
+            raise InputError(f"{out}: cannot be the output folder ({err.reason}); pick another --output-dir") from None
+        return
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"{out}: the output folder is not writable; pick another --output-dir")
     for name in RUN_OUTPUTS:

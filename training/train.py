@@ -72,7 +72,7 @@ from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
-from .run_folder import claim_output_dir, run_to_continue
+from .run_folder import check_output_dir, claim_output_dir, run_to_continue
 from .run_lock import lock_output_dir
 from .samples import render_grid, write_prompt_list
 
@@ -112,6 +112,15 @@ def train(cfg: TrainConfig) -> TrainSummary:
     stop = StopRequest().install()  # first Ctrl-C / SIGTERM: finish the step, save, exit
     lock = log_file = None
     try:
+        # The data, the model files and the output folder are checked before that folder is created or written.
+        samples, skipped = find_samples(cfg.data)
+        with accelerator.main_process_first():  # one download, then the others reuse it
+            wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
+            if cfg.init_from:
+                wanted["dit"] = None if cfg.init_from == "published" else cfg.init_from
+            files = downloads.resolve_model_files(wanted, cfg.model_dir or None)  # every missing file in one error
+        vae_path, text_encoder_path, init_path = files["vae"], files["text_encoder"], files.get("dit")
+        check_output_dir(out)
         # No other trainer in this folder until the run ends; then which state to continue and which run owns it.
         lock = lock_output_dir(out, is_main, functools.partial(main_value, accelerator))
         state, resumed_run = run_to_continue(out, cfg.resume)
@@ -120,13 +129,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
 
         # ------------------------------------------------------------ data
-        samples, skipped = find_samples(cfg.data)
-        with accelerator.main_process_first():  # one download and one model-file hash, then the others reuse them
-            wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
-            if cfg.init_from:
-                wanted["dit"] = None if cfg.init_from == "published" else cfg.init_from
-            files = downloads.resolve_model_files(wanted, cfg.model_dir or None)  # every missing file in one error
-            vae_path, text_encoder_path, init_path = files["vae"], files["text_encoder"], files.get("dit")
+        with accelerator.main_process_first():  # one model-file hash, then the others reuse it
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
         buckets = parse_buckets(cfg.buckets, cfg.resolution)
