@@ -89,15 +89,15 @@ def run(*args, **kwargs):
     return train(parse_config(argv(*args, **kwargs)))
 
 
-def run_interrupted(monkeypatch, *args, at_loss_call: int, **kwargs):
-    """``run`` that gets a real Ctrl-C (SIGINT) during its ``at_loss_call``-th loss computation."""
+def run_interrupted(monkeypatch, *args, at_loss_call: int, signum: int = signal.SIGINT, **kwargs):
+    """``run`` that gets a real Ctrl-C (SIGINT, or ``signum``) during its ``at_loss_call``-th loss computation."""
     calls = {"n": 0}
     real_loss = training.train.flow_matching_loss
 
     def loss_then_ctrl_c(*loss_args, **loss_kwargs):
         calls["n"] += 1
         if calls["n"] == at_loss_call:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return real_loss(*loss_args, **loss_kwargs)
 
     monkeypatch.setattr(training.train, "flow_matching_loss", loss_then_ctrl_c)
@@ -294,6 +294,7 @@ def test_module_entry_point_and_user_errors(models, tmp_path, caplog):
         assert f"--{name.replace('_', '-')}" in result.stdout
     assert main(argv(models, tmp_path / "missing", tmp_path / "out")) == 1
     assert "training data not found" in caplog.text
+    assert not (tmp_path / "out").exists()  # checked before the output folder is made: no config.toml, run.json, train.log
 
 
 def test_missing_model_files_are_named_at_once_with_the_options_that_pass_them(models, dataset, tmp_path, monkeypatch, caplog):
@@ -310,6 +311,7 @@ def test_missing_model_files_are_named_at_once_with_the_options_that_pass_them(m
     assert len(errors) == 1 and errors[0].startswith("3 model files are missing or bad: (1) FLUX.2 VAE not found at"), errors
     assert "(2) Qwen3-0.6B text encoder not found" in errors[0] and "(3) AAADiT not found" in errors[0]
     assert errors[0].endswith("; or pass a local file with --vae / --text-encoder / --init-from"), errors[0]
+    assert not (tmp_path / "out").exists()  # checked before the output folder is made
 
 
 # --------------------------------------------------------------------------------------

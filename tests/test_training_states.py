@@ -214,12 +214,16 @@ def test_a_save_never_replaces_another_runs_state(models, dataset, saved, tmp_pa
     assert json.loads((foreign / "progress.json").read_text(encoding="utf-8"))["run_id"] == "another-run"
 
 
-@pytest.mark.parametrize("blocker", ["out", "states", "config.toml"])
+@pytest.mark.parametrize("blocker", ["out", "parent", "states", "config.toml"])
 def test_an_output_folder_the_run_cannot_write_is_refused_up_front(models, dataset, saved, tmp_path, caplog, blocker):  # noqa: F811
     out = tmp_path / "run"
     if blocker == "out":
         out.write_text("a file where the run folder should be", encoding="utf-8")
-        expected = f"{out}: cannot be the output folder (File exists)"
+        expected = f"{out}: cannot be the output folder (a file has that name)"
+    elif blocker == "parent":
+        (tmp_path / "file").write_text("a file where a folder of the path should be", encoding="utf-8")
+        out = tmp_path / "file" / "run"
+        expected = f"{out}: cannot be the output folder (a part of the path is a file, not a folder)"
     elif blocker == "states":
         out.mkdir()
         (out / blocker).write_text("a file where a folder belongs", encoding="utf-8")

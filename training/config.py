@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -18,13 +19,15 @@ from typing import Any
 from aaa_core import defaults
 from aaa_core.cli import OneLineParser
 from aaa_core.devices import bf16_is_native
-from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
+from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS, AAADiTConfig
 from aaa_core.errors import InputError
 from aaa_core.geometry import DOWNSCALE
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
 from .buckets import parse_buckets
+
+log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,7 +85,9 @@ class TrainConfig:
     model_dir: str = option("", "where downloaded model files are kept (default: $AAA_MODEL_DIR or ~/.cache/aaa_dit)", MODEL)
     model: str = option(DEFAULT_PRESET, "named DiT size for a random init: " + ", ".join(
                         f"{name} (dim {c.dim}, depth {c.depth}, {c.num_heads} heads)" for name, c in DIT_PRESETS.items())
-                        + f"; {DEFAULT_PRESET} is the published model's; --dim, --depth and --num-heads override it",
+                        + f"; {DEFAULT_PRESET} is the published model's; --dim, --depth and --num-heads override it. A resumed "
+                        "state or an --init-from file decides the sizes itself (other sizes asked for get a warning), "
+                        "and config.toml records the sizes that ran",
                         MODEL, choices=list(DIT_PRESETS))
     dim: int = option(0, "DiT width (random init only; 0: the --model preset's)", MODEL)
     depth: int = option(0, "DiT blocks (random init only; 0: the --model preset's)", MODEL)
@@ -117,9 +122,10 @@ class TrainConfig:
 
     # --- run ------------------------------------------------------------------------------
     output_dir: str = option("runs/aaa", "run folder: checkpoints/, states/, samples/, tensorboard/, train.log", RUN)
-    overwrite: bool = option(False, "start afresh in an OUTPUT_DIR that holds another run: deletes its states/, checkpoints/, "
-                             "samples/, tensorboard/, train.log, config.toml and run.json (the encoding cache is kept); "
-                             "without it such a run is refused. Not recorded in config.toml", RUN)
+    overwrite: bool = option(False, "start afresh in an OUTPUT_DIR that holds another run: deletes the files that run wrote "
+                             "(its states, checkpoints, sample grids, TensorBoard logs, train.log, config.toml and run.json; "
+                             "other files and the encoding cache stay); without it such a run is refused. Refused in a "
+                             "folder that no run.json or training state marks as a run's. Not recorded in config.toml", RUN)
     seed: int = option(0, "seed for the init, the data order, the noise and the timesteps", RUN)
     max_steps: int = option(10000, "stop after this many optimizer steps (0 = no limit; then max_epochs must be set)", RUN)
     max_epochs: float = option(0.0, "stop after this many passes over the data (0 = no limit); the first limit reached wins", RUN)
@@ -205,6 +211,22 @@ class TrainConfig:
         self.dim = self.dim or preset.dim
         self.depth = self.depth or preset.depth
         self.num_heads = self.num_heads or preset.num_heads
+
+    def with_sizes_of(self, model: AAADiTConfig, source: object) -> "TrainConfig":
+        """This config with the sizes of the model that runs, which ``source`` (a resumed state or the
+        ``init_from`` file) decided, so ``config.toml`` records what ran.
+
+        Sizes asked for that differ get one warning, not an error: the file decides, as ``--help`` says
+        of ``init_from``, and re-running a run's config.toml with ``--resume`` must keep working.
+        """
+        ran = (model.dim, model.depth, model.num_heads)
+        if ran == (self.dim, self.depth, self.num_heads):
+            return self
+        log.warning("--model %s, --dim, --depth and --num-heads give dim %d, depth %d, %d heads, but %s holds "
+                    "dim %d, depth %d, %d heads: the run trains at the file's sizes, and config.toml records them",
+                    self.model, self.dim, self.depth, self.num_heads, source, *ran)
+        named = next((name for name, c in DIT_PRESETS.items() if (c.dim, c.depth, c.num_heads) == ran), self.model)
+        return dataclasses.replace(self, model=named, dim=model.dim, depth=model.depth, num_heads=model.num_heads)
 
     def resolved_precision(self, use_cuda: bool) -> str:
         """``precision`` with auto made concrete: bf16 autocast on GPUs and on CPUs that compute bf16 natively."""

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -124,3 +124,10 @@ def sampling_model(module: nn.Module, config: AAADiTConfig, keep: bool) -> nn.Mo
     full = AAADiT(config).to(device=device, dtype=next(iter(tensors.values())).dtype)
     full.load_state_dict(tensors)
     return full.eval().requires_grad_(False)
+
+
+def main_value(accelerator: Accelerator, value: int) -> int:
+    """The main process's ``value`` on every process (a broadcast: call on every process)."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(broadcast(torch.tensor([value], dtype=torch.int64, device=accelerator.device), from_process=0).item())

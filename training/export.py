@@ -19,6 +19,7 @@ from aaa_core.errors import AAAError, InputError
 
 from .checkpoints import SAVE_DTYPES, export_weights, save_weights
 from .lora import merge_lora_file
+from .run_lock import check_not_in_running_states
 
 
 def export_lora(lora: Path, output: Path, base: str, strength: float = 1.0, dtype: str = "bf16", model_dir: str = "") -> Path:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        check_not_in_running_states(args.output)
         if not args.source.exists():
             raise InputError(f"{args.source}: not found; expected a training state folder or a LoRA .safetensors file")
         if args.source.is_dir():

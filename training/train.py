@@ -17,7 +17,7 @@ Stop a launched run: signal the training processes, ``pkill -TERM -P LAUNCHER_PI
 the launcher exits 0. Ctrl-C or SIGTERM on the launcher saves too, but torchrun then reports its own
 signal as a failure (SignalException traceback, exit 1), and it kills processes still saving after
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30; raise it for large states or slow disks).
-Start afresh in a folder that holds another run (deletes its states and checkpoints):
+Start afresh in a folder that holds another run (deletes the files that run wrote; one trainer per folder at a time):
     python -m training --config training/configs/pokemon.toml --overwrite
 Mixed image shapes and a data set larger than memory (aspect buckets; shards read by DataLoader workers):
     python -m training --config training/configs/pokemon.toml --buckets aspect --data-loading shards
@@ -62,17 +62,18 @@ from .batches import BatchOrder
 from .buckets import parse_buckets, wide_and_tall
 from .cache import CacheStats, EncodingCache, cache_dir_for, encoder_dtype_for
 from .checkpoints import (
-    SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
+    SAVE_DTYPES, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
 )
 from .config import TrainConfig, parse_config
-from .distributed import check_setup, full_state_dict, sampling_model, shard_like
+from .distributed import check_setup, full_state_dict, main_value, sampling_model, shard_like
 from .encoded_data import Loading, load_training_data, plan_data
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
 from .pairs import Skipped, find_samples, report_skipped
-from .run_folder import claim_output_dir, folder_run_id
+from .run_folder import check_output_dir, claim_output_dir, run_to_continue
+from .run_lock import lock_output_dir
 from .sample_grids import render_grid, write_prompt_list
 
 log = logging.getLogger("training")
@@ -108,24 +109,27 @@ def train(cfg: TrainConfig) -> TrainSummary:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
 
     out = Path(cfg.output_dir).expanduser()
-    # Which state to continue and which run owns the folder, before anything is written into it.
-    state = find_state(cfg.resume, out / "states", folder_run_id(out)) if cfg.resume else None
-    run_id = claim_output_dir(out, read_progress(state)["run_id"] if state else None, cfg.overwrite, is_main, barrier)
-    log_file = log_to_file(out / "train.log", is_main)
-    if is_main:
-        write_text_atomic(out / "config.toml", cfg.to_toml())
-    log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
-
     stop = StopRequest().install()  # first Ctrl-C / SIGTERM: finish the step, save, exit
+    lock = log_file = None
     try:
-        # ------------------------------------------------------------ data
+        # The data, the model files and the output folder are checked before that folder is created or written.
         samples, skipped = find_samples(cfg.data)
-        with accelerator.main_process_first():  # one download and one model-file hash, then the others reuse them
+        with accelerator.main_process_first():  # one download, then the others reuse it
             wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
             if cfg.init_from:
                 wanted["dit"] = None if cfg.init_from == "published" else cfg.init_from
             files = downloads.resolve_model_files(wanted, cfg.model_dir or None)  # every missing file in one error
-            vae_path, text_encoder_path, init_path = files["vae"], files["text_encoder"], files.get("dit")
+        vae_path, text_encoder_path, init_path = files["vae"], files["text_encoder"], files.get("dit")
+        check_output_dir(out)
+        # No other trainer in this folder until the run ends; then which state to continue and which run owns it.
+        lock = lock_output_dir(out, is_main, functools.partial(main_value, accelerator))
+        state, resumed_run = run_to_continue(out, cfg.resume)
+        run_id = claim_output_dir(out, resumed_run, cfg.overwrite, is_main, barrier)
+        log_file = log_to_file(out / "train.log", is_main)
+        log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
+
+        # ------------------------------------------------------------ data
+        with accelerator.main_process_first():  # one model-file hash, then the others reuse it
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
         buckets = parse_buckets(cfg.buckets, cfg.resolution)
@@ -148,11 +152,15 @@ def train(cfg: TrainConfig) -> TrainSummary:
         np.random.seed(cfg.seed)
         if state is not None and not cfg.lora_rank:  # sizes from the state; the weights are loaded below
             model = AAADiT(state_model_config(state))
+            cfg = cfg.with_sizes_of(model.config, state)
         elif cfg.init_from:
             model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
             log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
+            cfg = cfg.with_sizes_of(model.config, init_path)
         else:
             model = AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=text_dim))
+        if is_main:  # what runs, now that the sizes are decided
+            write_text_atomic(out / "config.toml", cfg.to_toml())
         if (model.config.latent_channels, model.config.text_dim) != (LATENT_CHANNELS, text_dim):
             raise InputError(
                 f"the DiT takes {model.config.latent_channels}-channel latents and {model.config.text_dim}-wide prompts, "
@@ -221,24 +229,36 @@ def train(cfg: TrainConfig) -> TrainSummary:
             extra_sizes = wide_and_tall(buckets)  # one prompt at the widest and the tallest bucket too
             write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, lora is not None, extra_sizes)
 
-        def save(step: int) -> tuple[Path | None, Path]:
-            checkpoint = None
+        def checkpoint_path(step: int) -> Path:
+            return out / "checkpoints" / f"{run_name}{'-lora' if lora else ''}-step-{step:06d}.safetensors"
+
+        def save_checkpoint(step: int) -> Path | None:
+            """The loadable weights of ``step`` (main process; the others help gather them under FSDP)."""
             weights, kind = (ema, "ema") if ema is not None else (trained, "raw")
             full_weights = full_state_dict(weights, keep=is_main)  # gathered from every process under FSDP
+            checkpoint = checkpoint_path(step)
             if is_main and lora:
-                checkpoint = out / "checkpoints" / f"{run_name}-lora-step-{step:06d}.safetensors"
                 lora.save(weights, checkpoint, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
             elif is_main:
-                checkpoint = out / "checkpoints" / f"{run_name}-step-{step:06d}.safetensors"
                 save_weights(full_weights, checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
+            return checkpoint if is_main else None
+
+        def save(step: int) -> tuple[Path | None, Path]:
+            # The state first: a run killed between the two leaves a state whose checkpoint --resume writes,
+            # never a checkpoint that no state continues.
             progress = {
                 "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
                 "data_fingerprint": data.fingerprint, "world_size": world, "lora": lora.settings if lora else None,
             }
             state_dir = save_state(out / "states", step, trained, ema, optimizer, lr_scheduler, progress,
                                    cfg.keep_states, rank, barrier)
-            log.info("step %d: saved %s and %s", step, checkpoint or "weights", state_dir)
+            checkpoint = save_checkpoint(step)
+            log.info("step %d: saved %s and %s", step, state_dir, checkpoint or "weights")
             return checkpoint, state_dir
+
+        if state is not None and not checkpoint_path(step).exists():  # every process asks before the main one writes
+            log.info("writing the checkpoint of step %d, which the run stopped before writing", step)
+            save_checkpoint(step)
 
         log.info("training steps %d -> %d: %d samples per step (%d x %d accumulation x %d processes), %.1f epochs",
                  step, total_steps, samples_per_step, cfg.batch_size, cfg.grad_accum, world,
@@ -340,6 +360,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     finally:
         stop.restore()
         stop_logging_to_file(log_file)
+        if lock is not None:
+            lock.release()
 
 
 # --------------------------------------------------------------------------------------
