@@ -21,6 +21,7 @@ from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
 from aaa_core.errors import InputError
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
+from aaa_core.outputs import is_within
 
 from .buckets import parse_buckets
 from .dataset import LOADINGS
@@ -185,10 +186,25 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        self._check_outputs_apart_from_inputs()
         parse_buckets(self.buckets, self.resolution)  # a bad list fails now, not after the data is encoded
         check_text("negative_prompt", self.negative_prompt)  # the prompts the samples render, as the CLI checks its own
         for index, prompt in enumerate(self.validation_prompts):
             check_text(f"validation_prompts[{index}]", prompt)
+
+    def _check_outputs_apart_from_inputs(self) -> None:
+        """The run folder must not lie in the training data (its samples and files would mix with the user's),
+        and ``init_from`` must not be in a folder the run writes and prunes (it would be replaced or deleted)."""
+        out = Path(self.output_dir).expanduser()
+        data = Path(self.data).expanduser()
+        data_folder = data.parent if data.suffix.lower() == ".csv" and not data.is_dir() else data
+        if is_within(out, data_folder):
+            raise InputError(f"output_dir {out}: lies in the training data folder {data_folder}; "
+                             "pass an --output-dir outside it")
+        for written in ("checkpoints", "states"):
+            if self.init_from not in ("", "published") and is_within(Path(self.init_from).expanduser(), out / written):
+                raise InputError(f"init_from {self.init_from}: lies in {out / written}, which this run writes and prunes; "
+                                 "copy the file elsewhere first or pass another --output-dir")
 
     def _apply_model_preset(self) -> None:
         """Fills the sizes left at 0 from the ``model`` preset: explicit dim/depth/num_heads win.
