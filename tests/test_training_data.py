@@ -190,6 +190,25 @@ def test_a_damaged_shard_row_stops_training_in_one_line(models, dataset, tmp_pat
     assert "\n" not in message and "Traceback" not in caplog.text
 
 
+def test_a_shard_copied_from_another_data_set_is_refused_in_one_line(models, tmp_path, caplog):
+    """Same bucket, row count, shapes and valid row checksums: the shard's recorded source tells it apart."""
+    ours = write_dataset(tmp_path / "ours")
+    theirs = shutil.copytree(ours, tmp_path / "theirs")
+    for picture in theirs.glob("img*.png"):
+        Image.open(picture).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(picture)
+    cache = tmp_path / "cache"
+    for data in (ours, theirs):
+        run(models, data, tmp_path / f"run-{data.name}", "--data-loading", "shards", "--max-steps", 1, cache=cache)
+    packs = sorted((cache / "packed").iterdir(), key=lambda p: p.stat().st_mtime)
+    shard = next(packs[0].glob("shard-*.safetensors"))
+    shutil.copy(packs[1] / shard.name, shard)
+    caplog.set_level(logging.ERROR)
+    assert main(argv(models, ours, tmp_path / "again", "--data-loading", "shards", "--max-steps", 1, cache=cache)) == 1
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert message.startswith(f"{shard}: holds other samples than this data set's") and "\n" not in message
+    assert f"delete the folder {packs[0]} " in message
+
+
 def test_a_pack_that_cannot_be_written_is_one_line(models, dataset, tmp_path, caplog):
     cache = tmp_path / "cache"
     cache.mkdir()
