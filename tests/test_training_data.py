@@ -115,7 +115,7 @@ def test_a_pack_is_reused_without_the_entries_or_the_encoders(models, tmp_path, 
 
 def test_auto_packs_the_data_when_memory_is_short(models, dataset, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(training.dataset, "_available_memory", lambda: 4 * 7 * 128 * 4 * 4)  # about the set's own size
+    monkeypatch.setattr(training.dataset, "available_memory", lambda: 4 * 7 * 128 * 4 * 4)  # about the set's own size
     out = tmp_path / "run"
     run(models, dataset, out, "--max-steps", 1, "--data-workers", 0, "--buckets", BUCKETS, "--sample-every", 1, "--sample-steps", 2)
     assert "data: packed into shards on disk" in caplog.text
@@ -123,7 +123,7 @@ def test_auto_packs_the_data_when_memory_is_short(models, dataset, tmp_path, mon
     # The grid: 4 prompts at 32x32 (2x2), and under it prompt 0 at the widest (64x32) and tallest (32x64) bucket.
     assert Image.open(out / "samples" / "step-000001.png").size == (96, 128)
     assert "wide 64x32 (seed 0)" in (out / "samples" / "prompts.txt").read_text(encoding="utf-8")
-    monkeypatch.setattr(training.dataset, "_available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(training.dataset, "available_memory", lambda: 1 << 40)
     run(models, dataset, tmp_path / "again", "--max-steps", 1)
     assert "data: held in memory" in caplog.text
 

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import signal
 from itertools import accumulate, groupby
 from pathlib import Path
@@ -35,6 +34,7 @@ from .buckets import Bucket, assign_bucket, image_size
 from .cache import CacheStats, EncodingCache, FileFacts, content_hash, writing_to_cache
 from .data import Sample, Skipped
 from .encoding import FilledCache, LatentEntry, fill_cache
+from .memory import available_memory, processes_on_this_machine
 from .shards import (
     INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, rows_source, shard_name, write_index,
     write_shard,
@@ -262,7 +262,7 @@ def load_training_data(
     """Fills the cache and returns the data set in the holder ``how.mode`` picks, with the images left out as unreadable."""
     mode = how.mode
     if mode == "auto":
-        needed, available = plan.memory_bytes(cache), _available_memory() // _processes_on_this_machine()
+        needed, available = plan.memory_bytes(cache), available_memory() // processes_on_this_machine()
         mode = "memory" if needed <= MEMORY_FRACTION * available else "shards"
         log.info("data: %s (the encoded set takes %.1f GB, %.1f GB available per process)",
                  "held in memory" if mode == "memory" else "packed into shards on disk", needed / 1e9, available / 1e9)
@@ -393,22 +393,3 @@ def _entry(cache: EncodingCache, kind: str, key: str, source: str, size: tuple[i
     if tensor is None:
         raise InputError(f"cache {cache.root}: the entry of {source[:60]!r} vanished while packing; run the same command again")
     return tensor
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to new allocations (Linux MemAvailable; elsewhere half the physical memory)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: assume it fits, as before packed shards existed
-
-
-def _processes_on_this_machine() -> int:
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
