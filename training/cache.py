@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from aaa_core.checkpoint import save_safetensors
+from aaa_core.checkpoint import safe_open_any, save_safetensors
 from aaa_core.devices import cpu_has_native_bf16
 from aaa_core.outputs import atomic_output, sweep_temp_files
 from aaa_core.errors import InputError, OutputError
@@ -208,7 +208,7 @@ class EncodingCache:
 
     def _read(self, kind: str, path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, str | None]:
         try:
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open_any(path) as handle:
                 names, metadata = list(handle.keys()), handle.metadata() or {}
                 if names != [kind]:
                     return None, f"holds tensors {names}, expected one named '{kind}'"

@@ -22,6 +22,7 @@ from aaa_core.errors import InputError
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 from aaa_core.outputs import is_within
+from aaa_core.path_text import is_utf8, path_text
 
 from .buckets import parse_buckets
 from .dataset import LOADINGS
@@ -231,13 +232,22 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
     def to_toml(self) -> str:
-        """The resolved config as a TOML file that ``--config`` reads back."""
-        lines = [f"# Resolved config of this run; re-run with: python -m training --config {Path(self.output_dir) / 'config.toml'}"]
+        """The resolved config as a TOML file that ``--config`` reads back.
+
+        A path that is not UTF-8 (``os.fsdecode(b"\\xff")``) cannot be a TOML string: its line is
+        written as a comment that shows the bytes and says to pass the option again.
+        """
+        config_file = path_text(Path(self.output_dir) / "config.toml")
+        lines = [f"# Resolved config of this run; re-run with: python -m training --config {config_file}"]
         for field in dataclasses.fields(self):
             if field.name in NOT_RECORDED:
                 continue
             value = getattr(self, field.name)
-            lines.append(f"{field.name} = {_toml_value(value)}")
+            if isinstance(value, str) and not is_utf8(value):
+                lines.append(f"# {field.name} = {_toml_value(path_text(value))}  # not UTF-8, which TOML cannot hold: "
+                             f"pass --{field.name.replace('_', '-')} again")
+            else:
+                lines.append(f"{field.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 
