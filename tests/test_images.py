@@ -22,7 +22,7 @@ from test_training import argv
 from tiny_models import save_tiny_models
 from training.cache import EncodingCache, file_sha256
 from training.config import parse_config
-from training.data import load_image
+from training.pairs import load_image
 from training.train import train
 
 # --------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_a_tiny_png_of_1x65535_pixels_does_not_allocate_gigabytes(tmp_path):
     assert 256 * 65535 * 256 > MAX_SCALED_AREA * 256 * 256  # it takes the cropped path
     child = (  # under an address-space limit of 1 GiB above what the imports take: the old way fails with MemoryError
         "import resource, sys, torch\n"
-        "from training.data import load_image\n"
+        "from training.pairs import load_image\n"
         "size = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024\n"
         "resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.RLIM_INFINITY))\n"
         "pixels = load_image(sys.argv[1], 256, 256, torch.float32)\n"
