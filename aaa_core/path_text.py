@@ -6,8 +6,8 @@ cannot hold. Two tools, so that such a path works wherever the OS would take it:
 
 - :func:`utf8_alias` for libraries that take a path only as UTF-8 (safetensors, in Rust): a
   symbolic link with a plain name in a private temp folder stands in for the path;
-- :func:`path_text` for text written into files (PNG and safetensors metadata, ``config.toml``,
-  logs): the undecodable bytes written as ``\\xff`` escapes, so the text shows which bytes they were.
+- :func:`path_text` for text written into files (PNG and safetensors metadata, ``config.toml``):
+  the undecodable bytes written as ``\\xff`` escapes, so the text shows which bytes they were.
 """
 
 from __future__ import annotations
