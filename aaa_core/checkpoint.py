@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from .errors import ModelFileError, OutputError
 from .input_files import not_a_file_message, special_file_kind
 from .outputs import atomic_output
+from .path_text import path_text, utf8_alias
 
 # One signature per model kind: keys that only that model's state dict has.
 AAADIT = "aaadit"
@@ -119,6 +120,13 @@ def check_readable_file(path: "str | os.PathLike[str]") -> None:
 
 
 @contextlib.contextmanager
+def safe_open_any(path: "str | os.PathLike[str]", device: "str | torch.device" = "cpu") -> Iterator:
+    """``safe_open`` for any path the OS takes, non-UTF-8 names included (safetensors takes only UTF-8 ones)."""
+    with utf8_alias(path) as name, safe_open(name, framework="pt", device=str(device)) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
 def _open_safetensors(path: Path, device: "str | torch.device" = "cpu") -> Iterator:
     """``safe_open`` with every failure turned into a one-line error naming the file.
 
@@ -127,7 +135,7 @@ def _open_safetensors(path: Path, device: "str | torch.device" = "cpu") -> Itera
     """
     check_readable_file(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        with safe_open_any(path, device) as handle:
             yield handle
     except SafetensorError as err:
         raise ModelFileError(
@@ -202,7 +210,7 @@ def check_finite_weights(state_dict: Mapping[str, torch.Tensor], path: "str | os
     for key, tensor in state_dict.items():
         if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
             continue
-        with safe_open(str(path), framework="pt") as handle:  # the stored values: corrupt, or overflowed by a cast?
+        with safe_open_any(path) as handle:  # the stored values: corrupt, or overflowed by a cast?
             stored = handle.get_tensor(key)
         if bool(torch.isfinite(stored).all()):
             raise ModelFileError(
@@ -281,6 +289,9 @@ def adopt_state_dict(
     return model.eval().requires_grad_(False)
 
 
+_WRITTEN = "tensors.safetensors"  # the name safetensors writes under, before it is renamed to the temp's
+
+
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor],
     path: "str | os.PathLike[str]",
@@ -288,10 +299,13 @@ def save_safetensors(
 ) -> None:
     """Writes ``state_dict`` atomically as safetensors (contiguous CPU copies, string metadata)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    with atomic_output(path) as tmp:
+    # Values may name files; safetensors stores UTF-8 only, so a non-UTF-8 name keeps its bytes as \xNN escapes.
+    meta = {"format": "pt", **{k: path_text(str(v)) for k, v in (metadata or {}).items()}}
+    with atomic_output(path) as tmp, utf8_alias(tmp.parent) as folder:
         try:
-            save_file(tensors, str(tmp), metadata=meta)
+            # Under a plain name in the private temp folder, reached through a UTF-8 alias of it, then renamed.
+            save_file(tensors, os.path.join(folder, _WRITTEN), metadata=meta)
+            os.replace(tmp.parent / _WRITTEN, tmp)
         except SafetensorError as err:
             # safetensors reports I/O failures as its own error; as an OSError they get the usual one-line message
             code = re.search(r"\(os error (\d+)\)", str(err))

@@ -23,7 +23,7 @@ from .errors import AAAError, InputError, ways_out
 from .guards import out_of_memory_as_error
 from .images import open_rgb
 from .limits import MAX_BATCH_SIZE, MAX_RESOLUTION, MAX_STEPS
-from .outputs import atomic_outputs, check_writable, sweep_temp_files
+from .outputs import atomic_outputs, check_not_an_input, check_writable, sweep_temp_files
 
 log = logging.getLogger("aaa_core")
 
@@ -103,6 +103,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     settings.check_image(args.image is not None)
     paths = output_paths(args.output, args.batch_size)
     check_writable(paths)
+    check_not_an_input(paths, {"the --image": args.image, "the --dit file": args.dit, "the --vae file": args.vae,
+                               "the --text-encoder": args.text_encoder})
     device = resolve_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device, "--dtype")
     image = open_rgb(args.image) if args.image else None

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 from .checkpoint import AAADIT, FLUX2_VAE, QWEN3, check_model_file, check_path, file_sha256
 from .errors import ModelFileError, combined, short_reason
+from .path_text import utf8_alias
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,9 @@ def download(source: ModelSource, target: Path, progress: DownloadProgress | Non
     if progress is not None and "progress_callbacks" in inspect.signature(snapshot_download).parameters:
         kwargs["progress_callbacks"] = [_callback_class(progress)]
     try:
-        snapshot_download(source.repo_id, allow_patterns=[source.repo_file], local_dir=str(staging), **kwargs)
+        staging.mkdir(exist_ok=True)
+        with utf8_alias(staging) as local_dir:  # a model folder whose name is not UTF-8 works too
+            snapshot_download(source.repo_id, allow_patterns=[source.repo_file], local_dir=local_dir, **kwargs)
         fetched = staging / source.repo_file
         if not fetched.is_file():
             raise FileNotFoundError(f"{source.repo_file} is not in the repository")

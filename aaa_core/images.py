@@ -114,13 +114,25 @@ def _log_if_large(path: "str | os.PathLike[str]", image: Image.Image) -> None:
         )
 
 
+# Above this many times the output's pixels, the scaled whole image is never made: a 340-byte
+# 1x65535 PNG covering 256x256 would need a 256x16,776,960 one (12 GB). Only the part that
+# survives the crop is resized then (PIL's ``box``), which takes memory for the output alone but
+# may round some pixels one level apart, so images up to this shape mismatch keep the reference's
+# resize-then-crop pixels exactly (and their cached latents stay valid).
+MAX_SCALED_AREA = 16
+
+
 def resize_cover(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scales to cover ``width x height`` keeping the aspect ratio, then centre-crops (section 9)."""
     scale = max(width / image.width, height / image.height)
-    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-    left = int(round((resized.width - width) / 2.0))
-    top = int(round((resized.height - height) / 2.0))
-    return resized.crop((left, top, left + width, top + height))
+    scaled = (round(image.width * scale), round(image.height * scale))
+    left = int(round((scaled[0] - width) / 2.0))
+    top = int(round((scaled[1] - height) / 2.0))
+    if scaled[0] * scaled[1] > MAX_SCALED_AREA * width * height:
+        step_x, step_y = image.width / scaled[0], image.height / scaled[1]  # source pixels per scaled pixel
+        box = (left * step_x, top * step_y, (left + width) * step_x, (top + height) * step_y)
+        return image.resize((width, height), Image.BILINEAR, box=box)
+    return image.resize(scaled, Image.BILINEAR).crop((left, top, left + width, top + height))
 
 
 def pil_to_tensor(image: Image.Image, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,6 +11,8 @@ target name near the file system's limit still works, and recognisable, so
 is stale when the process that made it is gone (on Windows, where that cannot be asked safely,
 when it is over a day old).
 Any OS error becomes a one-line :class:`OutputError` that names the target and what to do.
+:func:`check_not_an_input` refuses, before any work, an output that is one of the command's own
+inputs (the same path, a link to it, or a hard link): writing it would replace what was read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from .errors import OutputError
 
@@ -142,6 +144,48 @@ def _check_one(path: Path) -> None:
     with open(probe, "xb"):
         pass
     probe.unlink()
+
+
+def check_not_an_input(
+    outputs: Iterable["str | os.PathLike[str]"], inputs: Mapping[str, "str | os.PathLike[str] | None"],
+) -> None:
+    """Raises a one-line :class:`OutputError` if an output would replace one of ``inputs``.
+
+    ``inputs`` maps what each input is ("the --image") to its path; ``None`` entries are
+    skipped. A folder input (a training state, a text encoder's folder) stands for the files
+    directly inside it. Paths are compared as the files they reach: symbolic links and ``..``
+    resolved, hard links found by the file's identity, so ``./a/../out.png`` and a link to
+    the input are caught as well as the input's own name.
+    """
+    files = [(what, Path(path)) for what, path in inputs.items() if path is not None]
+    files += [(f"{child.name} of {what}", child) for what, folder in list(files) if folder.is_dir()
+              for child in _children(folder)]
+    for output in map(Path, outputs):
+        for what, source in files:
+            if _same_file(output, source):
+                shown = "" if os.path.abspath(output) == os.path.abspath(source) else f" ({source})"
+                raise OutputError(output, f"it is {what}{shown}, an input of this command; write to another file")
+
+
+def is_within(path: "str | os.PathLike[str]", folder: "str | os.PathLike[str]") -> bool:
+    """True if ``path`` is ``folder`` or lies inside it, once links and ``..`` are resolved."""
+    path, folder = (Path(os.path.normcase(os.path.realpath(p))) for p in (path, folder))
+    return path == folder or folder in path.parents
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return [child for child in folder.iterdir() if child.is_file()]
+    except OSError:  # unreadable: its reader reports that
+        return []
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True if ``a`` and ``b`` reach one file (links resolved); paths of missing files compare as resolved names."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
 def _name_max(folder: Path) -> int:

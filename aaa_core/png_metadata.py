@@ -24,6 +24,7 @@ from PIL import PngImagePlugin
 
 from .devices import SHORT_NAMES
 from .downloads import SOURCES
+from .path_text import path_text
 from .pipeline import GenerationSettings
 from .sampling import batch_seed
 from .text_encoder import WEIGHTS_NAME
@@ -59,11 +60,11 @@ def provenance(
             return SOURCES[key].local_name
         path = Path(path)
         # A Qwen3-0.6B folder inside text_encoders/ lists as FOLDER/model.safetensors.
-        return f"{path.name}/{WEIGHTS_NAME}" if path.is_dir() else path.name
+        return path_text(f"{path.name}/{WEIGHTS_NAME}" if path.is_dir() else path.name)
 
     return Provenance(
         dit=name(dit, "dit"), text_encoder=name(text_encoder, "text_encoder"), vae=name(vae, "vae"),
-        weight_dtype=SHORT_NAMES[dtype], image=Path(image).name if image is not None else None,
+        weight_dtype=SHORT_NAMES[dtype], image=path_text(Path(image).name) if image is not None else None,
     )
 
 

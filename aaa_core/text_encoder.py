@@ -33,6 +33,7 @@ from .checkpoint import (
 )
 from .errors import InputError, ModelFileError, short_reason
 from .geometry import TEXT_TOKENS
+from .path_text import utf8_alias
 from .qwen3_config import build_empty_model, read_config, read_json_file
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def _read_tokenizer(folder: Path):
         if (folder / name).is_file():
             read_json_file(folder / name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        with utf8_alias(folder) as name:  # the tokenizers library takes only UTF-8 paths
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as err:  # transformers raises many types here; the user needs one line
         logger.debug("tokenizer load failed", exc_info=True)
         raise ModelFileError(f"{folder}: tokenizer files cannot be loaded ({short_reason(err)})") from None

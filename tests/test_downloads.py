@@ -33,7 +33,7 @@ def fake_modelscope(monkeypatch, payload=None, error=None) -> list:
         if error is not None:
             raise error
         path = Path(local_dir) / allow_patterns[0]
-        path.parent.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # local_dir may exist, as with ModelScope itself
         path.write_bytes(payload)
 
     # importlib: the modelscope.hub package re-exports a function of the same name as the module.

@@ -4,6 +4,8 @@ IMAGE check of AAA VAE Encode."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -13,13 +15,14 @@ from PIL import Image, ImageOps
 
 from aaa_core.cli import main
 from aaa_core.errors import InputError
-from aaa_core.images import comfy_to_vae, open_rgb, pil_to_tensor
+from aaa_core.images import MAX_SCALED_AREA, comfy_to_vae, open_rgb, pil_to_tensor, resize_cover
 from node_helpers import errors, one_line_error
 from pack_import import node
 from test_training import argv
 from tiny_models import save_tiny_models
 from training.cache import EncodingCache, file_sha256
 from training.config import parse_config
+from training.pairs import load_image
 from training.train import train
 
 # --------------------------------------------------------------------------------------
@@ -246,3 +249,55 @@ def test_vae_encode_clamps_rounding_noise_just_outside_0_1(models):
     (a,) = node("AAAVAEEncode")(noisy, models.vae)
     (b,) = node("AAAVAEEncode")(clean, models.vae)
     assert torch.equal(a["samples"], b["samples"])
+
+
+# --------------------------------------------------------------------------------------
+# Resizing to cover: normal images keep their pixels, thin ones take no gigabytes
+# --------------------------------------------------------------------------------------
+
+
+def _scaled_then_cropped(image, width, height):
+    """The reference's resize_cover (section 9): the whole image scaled to cover, then centre-cropped."""
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    left, top = int(round((resized.width - width) / 2.0)), int(round((resized.height - height) / 2.0))
+    return resized.crop((left, top, left + width, top + height))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 48), (640, 480), (1000, 63), (30, 120), (513, 257), (4000, 3000)])
+@pytest.mark.parametrize("target", [(256, 256), (64, 32), (48, 16)])
+def test_normal_images_keep_the_reference_pixels_exactly(size, target):
+    """Every shape up to a 16:1 mismatch with the output (panoramas included), in both directions."""
+    picture = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(resize_cover(picture, *target)), np.asarray(_scaled_then_cropped(picture, *target)))
+
+
+def test_very_thin_images_are_cropped_before_scaling_and_keep_their_centre():
+    column = Image.fromarray(np.linspace(0, 255, 20000).astype(np.uint8).reshape(20000, 1)).convert("RGB")  # a vertical ramp
+    covered = np.asarray(resize_cover(column, 64, 64)).astype(int)
+    reference = np.asarray(_scaled_then_cropped(column, 64, 64)).astype(int)  # 64x1,280,000 scaled: feasible here
+    assert covered.shape == (64, 64, 3) and np.abs(covered - reference).max() <= 1  # one level at most
+    assert np.all(covered == covered[:, :1])  # every row one value, as the source
+
+
+def test_a_tiny_png_of_1x65535_pixels_does_not_allocate_gigabytes(tmp_path):
+    """Covering 256x256 by scaling the whole image would take a 256x16,776,960 image (12 GB)."""
+    path = tmp_path / "thin.png"
+    Image.fromarray(np.linspace(0, 255, 65535).astype(np.uint8).reshape(65535, 1)).save(path, optimize=True)
+    assert path.stat().st_size < 2000
+    assert 256 * 65535 * 256 > MAX_SCALED_AREA * 256 * 256  # it takes the cropped path
+    child = (  # under an address-space limit of 1 GiB above what the imports take: the old way fails with MemoryError
+        "import resource, sys, torch\n"
+        "from training.pairs import load_image\n"
+        "size = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.RLIM_INFINITY))\n"
+        "pixels = load_image(sys.argv[1], 256, 256, torch.float32)\n"
+        "print(tuple(pixels.shape), round(float(pixels.mean()), 2))\n"
+    )
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the address-space limit is read from /proc")
+    result = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shape, mean = result.stdout.rsplit(" ", 1)
+    assert shape == "(3, 256, 256)" and abs(float(mean)) < 0.02  # the ramp's middle: grey, 0 in [-1, 1]
+    assert load_image(path, 32, 32, torch.float32).shape == (3, 32, 32)

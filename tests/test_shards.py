@@ -1,8 +1,11 @@
-"""The packed data set's shards: written atomically, read back row by row exactly, damage named."""
+"""The packed data set's shards: written atomically, read back row by row exactly, damage named, bound to their samples."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -10,7 +13,8 @@ from safetensors import safe_open
 
 from aaa_core.errors import InputError
 from training.shards import (
-    INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, shard_name, write_index, write_shard,
+    INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, rows_source, shard_name, write_index,
+    write_shard,
 )
 
 BUCKETS = [(32, 32), (48, 16)]  # (width, height): latents 2x2 and 1x3
@@ -25,21 +29,28 @@ def rows(bucket: tuple[int, int], count: int, seed: int, dtype=torch.bfloat16):
     return latents, texts
 
 
-@pytest.fixture()
-def pack(tmp_path):
-    """Bucket 0 in two shards (3 + 2 rows), bucket 1 in one (4 rows)."""
+def write_pack(folder, data_set: str, seed: int = 0):
+    """Bucket 0 in two shards (3 + 2 rows), bucket 1 in one (4 rows); the cache keys name ``data_set``."""
+    folder.mkdir(parents=True, exist_ok=True)
     written = {}
     shards = []
     for bucket, sizes in ((0, (3, 2)), (1, (4,))):
         for number, count in enumerate(sizes):
-            latents, texts = rows(BUCKETS[bucket], count, seed=10 * bucket + number)
+            latents, texts = rows(BUCKETS[bucket], count, seed=seed + 10 * bucket + number)
             name = shard_name(BUCKETS[bucket], number)
-            write_shard(tmp_path / name, latents, texts)
-            shards.append(ShardInfo(name, bucket, count))
+            keys = [f"{data_set}-{bucket}-{number}-{row}" for row in range(count)]
+            source = rows_source(keys, keys)
+            write_shard(folder / name, latents, texts, source)
+            shards.append(ShardInfo(name, bucket, count, source))
             written[name] = (latents, texts)
-    index = PackIndex(BUCKETS, shards, [("/data/broken.png", "not an image")])
-    write_index(tmp_path, index)
-    return tmp_path, written
+    index = PackIndex(data_set, BUCKETS, shards, [("/data/broken.png", "not an image")])
+    write_index(folder, index)
+    return folder, written
+
+
+@pytest.fixture()
+def pack(tmp_path):
+    return write_pack(tmp_path / "pack", "data-a")
 
 
 def reader_of(folder, dtype=torch.bfloat16):
@@ -100,12 +111,54 @@ def test_a_shard_of_another_dtype_or_shape_is_refused(pack):
         ShardReader(folder, read_index(folder), 128, (4, 9), torch.bfloat16)
 
 
-@pytest.mark.parametrize("record", ["not json", '{"format": 99}', '{"format": 1, "buckets": [], "shards": [], "skipped": []}',
-                                    '{"format": 1, "buckets": [[32, 32]], "shards": [{"file": "x", "bucket": 3, "rows": 1}], "skipped": []}'])
+SHARD = {"file": "shard-32x32-00000.safetensors", "bucket": 0, "rows": 1, "source": "0" * 64}
+
+
+@pytest.mark.parametrize("record", [
+    "not json", '{"format": 99}', '{"format": 2, "pack": "p", "buckets": [], "shards": [], "skipped": []}',
+    json.dumps({"format": 2, "pack": "p", "buckets": [[32, 32]], "shards": [{**SHARD, "bucket": 3}], "skipped": []}),
+    json.dumps({"format": 2, "pack": "p", "buckets": [[32, 32]], "shards": [{**SHARD, "source": "x"}], "skipped": []}),
+    json.dumps({"format": 1, "buckets": [[32, 32]], "shards": [SHARD], "skipped": []}),  # the format before sources
+])
 def test_an_incomplete_or_foreign_index_means_no_pack(tmp_path, record):
     assert read_index(tmp_path) is None  # no index: the pack is incomplete
     (tmp_path / INDEX_FILE).write_text(record, encoding="utf-8")
     assert read_index(tmp_path) is None
+
+
+def test_a_shard_copied_from_another_data_set_is_refused(pack, tmp_path):
+    """Same name, shapes and valid row checksums: only the recorded source tells it apart."""
+    folder, _ = pack
+    other, _ = write_pack(tmp_path / "other", "data-b", seed=100)
+    name = "shard-32x32-00001.safetensors"
+    shutil.copy(other / name, folder / name)
+    ShardReader(other, read_index(other), 128, TEXT, torch.bfloat16).read(torch.tensor([3, 4]))  # valid in its own pack
+    with pytest.raises(InputError) as refused:
+        reader_of(folder)
+    message = str(refused.value)
+    assert f"{folder / name}: holds other samples than this data set's" in message
+    assert f"delete the folder {folder} " in message and "\n" not in message
+
+
+@pytest.mark.parametrize("planted", ["../../../mine/notes.txt", "/etc/hostname", "sub/shard-32x32-00000.safetensors"])
+def test_an_index_naming_files_outside_the_pack_is_not_followed(pack, tmp_path, caplog, planted):
+    folder, _ = pack
+    record = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+    record["shards"][0]["file"] = planted
+    (folder / INDEX_FILE).write_text(json.dumps(record), encoding="utf-8")
+    assert read_index(folder) is None  # damaged: packed again from the cache, inside the pack folder
+    assert "is not a shard of this folder" in caplog.text
+
+
+def test_a_shard_that_links_out_of_the_pack_is_refused_naming_the_pack_folder(pack, tmp_path):
+    folder, _ = pack
+    name = "shard-48x16-00000.safetensors"
+    outside = tmp_path / "mine" / "notes.safetensors"
+    outside.parent.mkdir()
+    shutil.move(folder / name, outside)
+    os.symlink(outside, folder / name)
+    with pytest.raises(InputError, match=f"a link, not a file of the pack folder\\); delete the folder {folder} "):
+        reader_of(folder)
 
 
 def test_reader_survives_pickling_for_spawned_workers(pack):

@@ -57,3 +57,33 @@ def test_usage_mistakes_are_one_line(entry, argv, fragment, capsys):
         entry(argv)
     err = capsys.readouterr().err
     assert caught.value.code == 2 and err.count("\n") == 1 and fragment in err, err  # not the whole usage text
+
+
+def test_a_model_too_large_for_memory_is_refused_with_the_figure_before_anything_is_written(tmp_path, caplog):
+    out = tmp_path / "run"
+    assert train_main(["--data", str(tmp_path / "data"), "--output-dir", str(out), "--dim", "1048576", "--depth", "2",
+                       "--device", "cpu", "--precision", "fp32"]) == 1
+    [message] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    # 2 blocks 1048576 wide: 27.5e12 parameters, 16 bytes each in fp32 (weights, gradients, 2 AdamW moments) + 4 of EMA.
+    assert "dim 1048576, depth 2: the model has 27,488,627,458,176 parameters" in message, message
+    assert "AdamW state and EMA take 549,772.5 GB, more than the" in message
+    assert "choose a smaller --model, --dim or --depth" in message and "\n" not in message
+    assert not out.exists()
+
+
+def test_training_bytes_count_the_real_parameters(monkeypatch):
+    import torch
+
+    from aaa_core.dit import AAADiT, AAADiTConfig
+    from training import memory
+
+    config = AAADiTConfig(dim=64, depth=2, num_heads=4, text_dim=32)
+    parameters = sum(p.numel() for p in AAADiT(config).parameters())
+    assert memory.training_bytes(config, torch.float32, ema=True) == (parameters, parameters * 20)
+    assert memory.training_bytes(config, torch.bfloat16, ema=False) == (parameters, parameters * 8)
+    monkeypatch.setattr(memory, "available_memory", lambda: parameters * 20)
+    memory.check_model_fits(config, torch.float32, True, torch.device("cpu"))  # exactly fits
+    deeper = AAADiTConfig(dim=64, depth=3, num_heads=4, text_dim=32)
+    with pytest.raises(InputError, match="more than the"):
+        memory.check_model_fits(deeper, torch.float32, True, torch.device("cpu"))
+    memory.check_model_fits(deeper, torch.float32, True, torch.device("cpu"), shards=2)  # FSDP: each process holds half

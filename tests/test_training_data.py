@@ -115,7 +115,7 @@ def test_a_pack_is_reused_without_the_entries_or_the_encoders(models, tmp_path, 
 
 def test_auto_packs_the_data_when_memory_is_short(models, dataset, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(training.encoded_data, "_available_memory", lambda: 4 * 7 * 128 * 4 * 4)  # about the set's own size
+    monkeypatch.setattr(training.encoded_data, "available_memory", lambda: 4 * 7 * 128 * 4 * 4)  # about the set's own size
     out = tmp_path / "run"
     run(models, dataset, out, "--max-steps", 1, "--data-workers", 0, "--buckets", BUCKETS, "--sample-every", 1, "--sample-steps", 2)
     assert "data: packed into shards on disk" in caplog.text
@@ -123,7 +123,7 @@ def test_auto_packs_the_data_when_memory_is_short(models, dataset, tmp_path, mon
     # The grid: 4 prompts at 32x32 (2x2), and under it prompt 0 at the widest (64x32) and tallest (32x64) bucket.
     assert Image.open(out / "samples" / "step-000001.png").size == (96, 128)
     assert "wide 64x32 (seed 0)" in (out / "samples" / "prompts.txt").read_text(encoding="utf-8")
-    monkeypatch.setattr(training.encoded_data, "_available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(training.encoded_data, "available_memory", lambda: 1 << 40)
     run(models, dataset, tmp_path / "again", "--max-steps", 1)
     assert "data: held in memory" in caplog.text
 
@@ -188,6 +188,25 @@ def test_a_damaged_shard_row_stops_training_in_one_line(models, dataset, tmp_pat
     (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert "does not match its checksum" in message and "delete the folder" in message
     assert "\n" not in message and "Traceback" not in caplog.text
+
+
+def test_a_shard_copied_from_another_data_set_is_refused_in_one_line(models, tmp_path, caplog):
+    """Same bucket, row count, shapes and valid row checksums: the shard's recorded source tells it apart."""
+    ours = write_dataset(tmp_path / "ours")
+    theirs = shutil.copytree(ours, tmp_path / "theirs")
+    for picture in theirs.glob("img*.png"):
+        Image.open(picture).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(picture)
+    cache = tmp_path / "cache"
+    for data in (ours, theirs):
+        run(models, data, tmp_path / f"run-{data.name}", "--data-loading", "shards", "--max-steps", 1, cache=cache)
+    packs = sorted((cache / "packed").iterdir(), key=lambda p: p.stat().st_mtime)
+    shard = next(packs[0].glob("shard-*.safetensors"))
+    shutil.copy(packs[1] / shard.name, shard)
+    caplog.set_level(logging.ERROR)
+    assert main(argv(models, ours, tmp_path / "again", "--data-loading", "shards", "--max-steps", 1, cache=cache)) == 1
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert message.startswith(f"{shard}: holds other samples than this data set's") and "\n" not in message
+    assert f"delete the folder {packs[0]} " in message
 
 
 def test_a_pack_that_cannot_be_written_is_one_line(models, dataset, tmp_path, caplog):

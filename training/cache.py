@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from aaa_core.checkpoint import file_sha256, save_safetensors, tensor_bytes
+from aaa_core.checkpoint import file_sha256, safe_open_any, save_safetensors, tensor_bytes
 from aaa_core.devices import DTYPES, bf16_is_native
 from aaa_core.outputs import sweep_temp_files, write_json_atomic
 from aaa_core.errors import InputError, OutputError
@@ -200,7 +200,7 @@ class EncodingCache:
 
     def _read(self, kind: str, path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, str | None]:
         try:
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open_any(path) as handle:
                 names, metadata = list(handle.keys()), handle.metadata() or {}
                 if names != [kind]:
                     return None, f"holds tensors {names}, expected one named '{kind}'"

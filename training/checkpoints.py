@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from aaa_core.checkpoint import check_state_dict_matches, save_safetensors
-from aaa_core.outputs import temp_path_for
 from aaa_core.devices import DTYPES
+from aaa_core.outputs import check_not_an_input, temp_path_for
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
 
@@ -319,7 +319,8 @@ def _restore(apply: Callable[[Any], Any], tree: Any, path: Path, what: str) -> N
 
 
 def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str = "bf16") -> Path:
-    """Writes a state's raw or EMA weights as a ComfyUI-loadable file."""
+    """Writes a state's raw or EMA weights as a ComfyUI-loadable file (never over one of the state's own files)."""
+    check_not_an_input([output], {f"the state {state}": state})
     progress = read_progress(state)
     if progress.get("lora"):
         raise InputError(f"{state}: is a LoRA run's state; its LoRA files are in OUTPUT_DIR/checkpoints, and "

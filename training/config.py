@@ -24,6 +24,8 @@ from aaa_core.errors import InputError
 from aaa_core.geometry import DOWNSCALE
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
+from aaa_core.outputs import is_within
+from aaa_core.path_text import is_utf8, path_text
 
 from .buckets import parse_buckets
 
@@ -193,10 +195,25 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        self._check_outputs_apart_from_inputs()
         parse_buckets(self.buckets, self.resolution)  # a bad list fails now, not after the data is encoded
         check_text("negative_prompt", self.negative_prompt)  # the prompts the samples render, as the CLI checks its own
         for index, prompt in enumerate(self.validation_prompts):
             check_text(f"validation_prompts[{index}]", prompt)
+
+    def _check_outputs_apart_from_inputs(self) -> None:
+        """The run folder must not lie in the training data (its samples and files would mix with the user's),
+        and ``init_from`` must not be in a folder the run writes and prunes (it would be replaced or deleted)."""
+        out = Path(self.output_dir).expanduser()
+        data = Path(self.data).expanduser()
+        data_folder = data.parent if data.suffix.lower() == ".csv" and not data.is_dir() else data
+        if is_within(out, data_folder):
+            raise InputError(f"output_dir {out}: lies in the training data folder {data_folder}; "
+                             "pass an --output-dir outside it")
+        for written in ("checkpoints", "states"):
+            if self.init_from not in ("", "published") and is_within(Path(self.init_from).expanduser(), out / written):
+                raise InputError(f"init_from {self.init_from}: lies in {out / written}, which this run writes and prunes; "
+                                 "copy the file elsewhere first or pass another --output-dir")
 
     def _apply_model_preset(self) -> None:
         """Fills the sizes left at 0 from the ``model`` preset: explicit dim/depth/num_heads win.
@@ -239,13 +256,22 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
     def to_toml(self) -> str:
-        """The resolved config as a TOML file that ``--config`` reads back."""
-        lines = [f"# Resolved config of this run; re-run with: python -m training --config {Path(self.output_dir) / 'config.toml'}"]
+        """The resolved config as a TOML file that ``--config`` reads back.
+
+        A path that is not UTF-8 (``os.fsdecode(b"\\xff")``) cannot be a TOML string: its line is
+        written as a comment that shows the bytes and says to pass the option again.
+        """
+        config_file = path_text(Path(self.output_dir) / "config.toml")
+        lines = [f"# Resolved config of this run; re-run with: python -m training --config {config_file}"]
         for field in dataclasses.fields(self):
             if field.name in NOT_RECORDED:
                 continue
             value = getattr(self, field.name)
-            lines.append(f"{field.name} = {_toml_value(value)}")
+            if isinstance(value, str) and not is_utf8(value):
+                lines.append(f"# {field.name} = {_toml_value(path_text(value))}  # not UTF-8, which TOML cannot hold: "
+                             f"pass --{field.name.replace('_', '-')} again")
+            else:
+                lines.append(f"{field.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 

@@ -20,9 +20,8 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import signal
-from itertools import groupby
+from itertools import accumulate, groupby
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,8 +33,12 @@ from .batches import BatchOrder
 from .buckets import Bucket, assign_bucket, image_size
 from .cache import CacheStats, EncodingCache, FileFacts, content_hash, writing_to_cache
 from .encoding import FilledCache, LatentEntry, fill_cache
+from .memory import available_memory, processes_on_this_machine
 from .pairs import Sample, Skipped
-from .shards import INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, shard_name, write_index, write_shard
+from .shards import (
+    INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, rows_source, shard_name, write_index,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +261,7 @@ def load_training_data(
     """Fills the cache and returns the data set in the holder ``how.mode`` picks, with the images left out as unreadable."""
     mode = how.mode
     if mode == "auto":
-        needed, available = plan.memory_bytes(cache), _available_memory() // _processes_on_this_machine()
+        needed, available = plan.memory_bytes(cache), available_memory() // processes_on_this_machine()
         mode = "memory" if needed <= MEMORY_FRACTION * available else "shards"
         log.info("data: %s (the encoded set takes %.1f GB, %.1f GB available per process)",
                  "held in memory" if mode == "memory" else "packed into shards on disk", needed / 1e9, available / 1e9)
@@ -332,9 +335,8 @@ def _packed(plan: DataPlan, fill: Callable[..., FilledCache], cache: EncodingCac
         filled = fill([], plan.extra_prompts, keep=True)  # the sample grids' prompts alone (a few)
     left_out = {image for image, _ in index.skipped}
     used = [i for i, s in enumerate(plan.samples) if str(s.image) not in left_out]
+    _check_pack_source(plan, used, index, folder)
     reader = ShardReader(folder, index, cache.shape("latents")[0], cache.shape("text"), cache.dtype)
-    if len(reader) != len(used):
-        raise InputError(f"{folder}: holds {len(reader)} samples, expected {len(used)}; delete the folder and run again")
     data = PackedData(
         buckets=index.buckets, bucket_ids=index.bucket_ids(),
         extra_prompts={prompt: filled.texts[key] for prompt, key in plan.extra_prompts.items()},
@@ -342,6 +344,19 @@ def _packed(plan: DataPlan, fill: Callable[..., FilledCache], cache: EncodingCac
         reader=reader, workers=how.workers, pin_memory=how.device.type == "cuda",
     )
     return data, _as_skipped(index.skipped)
+
+
+def _shard_source(plan: DataPlan, members: list[int]) -> str:
+    return rows_source([plan.latent_keys[i] for i in members], [plan.text_keys[i] for i in members])
+
+
+def _check_pack_source(plan: DataPlan, used: list[int], index: PackIndex, folder: Path) -> None:
+    """The index must describe exactly this plan's samples, shard by shard (each shard then checks its own record)."""
+    starts = [0, *accumulate(s.rows for s in index.shards)]
+    expected = [_shard_source(plan, used[a:b]) for a, b in zip(starts, starts[1:])]
+    if index.pack != plan.pack_id() or starts[-1] != len(used) or [s.source for s in index.shards] != expected:
+        raise InputError(f"{folder / INDEX_FILE}: describes other samples than this data set's; delete the folder "
+                         f"{folder} and run again: it is packed again from the encoding cache")
 
 
 def _write_pack(plan: DataPlan, used: list[int], left_out: list[tuple[str, str]], cache: EncodingCache, folder: Path,
@@ -353,8 +368,8 @@ def _write_pack(plan: DataPlan, used: list[int], left_out: list[tuple[str, str]]
     for bucket, members in groupby(used, key=lambda i: plan.bucket_of[i]):
         members = list(members)
         for number, part in enumerate(chunks(len(members), rows)):
-            shards.append(ShardInfo(shard_name(plan.buckets[bucket], number), bucket, len(part)))
             jobs.append([members[j] for j in part])
+            shards.append(ShardInfo(shard_name(plan.buckets[bucket], number), bucket, len(part), _shard_source(plan, jobs[-1])))
     if how.rank == 0:
         log.info("packing %d samples into %d shard(s) in %s", len(used), len(shards), folder)
     for shard, members in list(zip(shards, jobs))[how.rank :: how.world_size]:
@@ -364,11 +379,11 @@ def _write_pack(plan: DataPlan, used: list[int], left_out: list[tuple[str, str]]
         latents = [_entry(cache, "latents", plan.latent_keys[i], str(plan.samples[i].image), size) for i in members]
         texts = [_entry(cache, "text", plan.text_keys[i], plan.samples[i].caption) for i in members]
         with writing_to_cache(folder / shard.file):
-            write_shard(folder / shard.file, latents, texts)
+            write_shard(folder / shard.file, latents, texts, shard.source)
     how.barrier()
     if how.rank == 0:
         with writing_to_cache(folder / INDEX_FILE):
-            write_index(folder, PackIndex(plan.buckets, shards, left_out))
+            write_index(folder, PackIndex(plan.pack_id(), plan.buckets, shards, left_out))
     how.barrier()
 
 
@@ -377,22 +392,3 @@ def _entry(cache: EncodingCache, kind: str, key: str, source: str, size: tuple[i
     if tensor is None:
         raise InputError(f"cache {cache.root}: the entry of {source[:60]!r} vanished while packing; run the same command again")
     return tensor
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to new allocations (Linux MemAvailable; elsewhere half the physical memory)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: assume it fits, as before packed shards existed
-
-
-def _processes_on_this_machine() -> int:
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

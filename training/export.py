@@ -16,6 +16,7 @@ from pathlib import Path
 from aaa_core import downloads
 from aaa_core.cli import OneLineParser
 from aaa_core.errors import AAAError, InputError
+from aaa_core.outputs import check_not_an_input
 
 from .checkpoints import SAVE_DTYPES, export_weights, save_weights
 from .lora import merge_lora_file
@@ -25,6 +26,7 @@ from .run_lock import check_not_in_running_states
 def export_lora(lora: Path, output: Path, base: str, strength: float = 1.0, dtype: str = "bf16", model_dir: str = "") -> Path:
     """Merges a LoRA file into ``base`` (a file, or ``published`` for step-600000) and writes the full checkpoint."""
     base_path = downloads.resolve_model_file(downloads.DIT, None if base == "published" else base, model_dir or None)
+    check_not_an_input([output], {"the LoRA file": lora, "the --base checkpoint": base_path})
     model = merge_lora_file(lora, base_path, strength)
     return save_weights(model.state_dict(), output, model.config, 0, f"{base_path.name} + {lora.name} x {strength:g}",
                         SAVE_DTYPES[dtype])

@@ -100,7 +100,7 @@ def log_to_file(path: Path, is_main: bool) -> logging.Handler | None:
     if not is_main:
         logging.getLogger("training").setLevel(logging.WARNING)
         return None
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # non-UTF-8 paths as \udcff
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in LOGGERS:
         logger = logging.getLogger(name)

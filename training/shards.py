@@ -8,8 +8,14 @@ per-entry cache at all.
 - ``shard-BUCKET-NNNNN.safetensors`` holds up to ``rows`` consecutive samples of one bucket:
   ``latents (n, 128, h, w)``, ``text (n, 128, text_dim)`` and ``crc32 (n, 2)`` (a checksum of each
   row of both, checked on every read).
-- ``index.json``, written last (a pack without it is not a pack): the buckets, the shards with
-  their row counts, and the samples left out as unreadable, so a reuse reports them again.
+- ``index.json``, written last (a pack without it is not a pack): the pack id, the buckets, the
+  shards with their row counts, and the samples left out as unreadable, so a reuse reports them again.
+
+A pack is bound to what it was made from: each shard records the identity of its rows (a hash of
+their cache keys, which cover the image and prompt contents) in its metadata and in the index, and
+the run checks both against its own data set, so a shard copied in from another data set (same
+name, shapes and valid checksums) is refused instead of trained on. The index may only name
+shard files directly inside the pack folder, and every message points at that folder, in the cache.
 
 Why plain safetensors files read with ``os.pread``: the format is the cache's and the
 checkpoints', readable by any safetensors tool; a row is one read at an offset from the file's
@@ -23,8 +29,11 @@ reads exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -35,10 +44,16 @@ import torch
 from aaa_core.checkpoint import save_safetensors, tensor_bytes
 from aaa_core.errors import InputError
 from aaa_core.geometry import DOWNSCALE
-from aaa_core.outputs import write_json_atomic
+from aaa_core.outputs import is_within, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
-PACK_FORMAT = 1
+# 2: each shard records its rows' source (ShardInfo.source); packs of format 1 cannot be checked and are packed again.
+PACK_FORMAT = 2
+SOURCE_KEY = "aaa_pack_source"  # shard metadata: the identity of its rows, as in the index
+_SHARD_FILE = re.compile(r"shard-\d+x\d+-\d+\.safetensors")  # what shard_name gives: a plain name in the pack folder
+_SOURCE = re.compile(r"[0-9a-f]{64}")
 SHARD_BYTES = 256 << 20  # rows per shard: about this many bytes, so a shard is written from memory in one go
 TENSORS = ("latents", "text")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
@@ -46,17 +61,19 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "
 
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
-    """One shard file: its bucket (an index into the pack's buckets) and how many samples it holds."""
+    """One shard file: its bucket (an index into the pack's buckets), how many samples it holds and their source."""
 
     file: str
     bucket: int
     rows: int
+    source: str  # rows_source() of its samples' cache keys
 
 
 @dataclasses.dataclass(frozen=True)
 class PackIndex:
     """What ``index.json`` records."""
 
+    pack: str  # the id of the samples it was made from (the pack folder's name)
     buckets: list[tuple[int, int]]  # (width, height) in pixels
     shards: list[ShardInfo]
     skipped: list[tuple[str, str]]  # (image, reason) of the samples left out
@@ -64,6 +81,11 @@ class PackIndex:
     def bucket_ids(self) -> torch.Tensor:
         """``(samples,)`` the bucket of each packed sample, in pack order (the order the batch order numbers)."""
         return torch.cat([torch.full((s.rows,), s.bucket, dtype=torch.long) for s in self.shards])
+
+
+def rows_source(latent_keys: Sequence[str], text_keys: Sequence[str]) -> str:
+    """The identity of a shard's rows: a SHA-256 over their latent and prompt cache keys, in order."""
+    return hashlib.sha256("\n".join(f"{l}:{t}" for l, t in zip(latent_keys, text_keys)).encode("ascii")).hexdigest()
 
 
 def row_checksum(latent: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -79,17 +101,18 @@ def shard_name(bucket: tuple[int, int], number: int) -> str:
     return f"shard-{bucket[0]}x{bucket[1]}-{number:05d}.safetensors"
 
 
-def write_shard(path: Path, latents: Sequence[torch.Tensor], texts: Sequence[torch.Tensor]) -> None:
-    """Writes one shard atomically from per-sample tensors of one bucket."""
+def write_shard(path: Path, latents: Sequence[torch.Tensor], texts: Sequence[torch.Tensor], source: str) -> None:
+    """Writes one shard atomically from per-sample tensors of one bucket, with their ``rows_source``."""
     checksums = torch.stack([row_checksum(latent, text) for latent, text in zip(latents, texts)])
     save_safetensors({"latents": torch.stack(list(latents)), "text": torch.stack(list(texts)), "crc32": checksums}, path,
-                     {"aaa_pack_format": str(PACK_FORMAT)})
+                     {"aaa_pack_format": str(PACK_FORMAT), SOURCE_KEY: source})
 
 
 def write_index(folder: Path, index: PackIndex) -> None:
     """Marks the pack complete; called once every shard is on disk."""
     record = {
         "format": PACK_FORMAT,
+        "pack": index.pack,
         "buckets": [list(b) for b in index.buckets],
         "shards": [dataclasses.asdict(s) for s in index.shards],
         "skipped": [list(s) for s in index.skipped],
@@ -99,20 +122,30 @@ def write_index(folder: Path, index: PackIndex) -> None:
 
 def read_index(folder: Path) -> PackIndex | None:
     """The pack's index, or ``None`` if the pack is incomplete, from another format or damaged (then it is rebuilt)."""
+    path = folder / INDEX_FILE
     try:
-        record = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("format") != PACK_FORMAT:
+            log.info("%s: packed by another version (format %r, this one writes %d); packing it again",
+                     folder, record.get("format"), PACK_FORMAT)
             return None
         index = PackIndex(
+            pack=str(record["pack"]),
             buckets=[(int(w), int(h)) for w, h in record["buckets"]],
-            shards=[ShardInfo(str(s["file"]), int(s["bucket"]), int(s["rows"])) for s in record["shards"]],
+            shards=[ShardInfo(str(s["file"]), int(s["bucket"]), int(s["rows"]), str(s["source"])) for s in record["shards"]],
             skipped=[(str(name), str(reason)) for name, reason in record["skipped"]],
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except FileNotFoundError:
         return None
-    if not index.shards or any(not 0 <= s.bucket < len(index.buckets) or s.rows < 1 for s in index.shards):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("%s: damaged (%s: %s); packing again", path, type(err).__name__, err)
         return None
-    return index
+    for shard in index.shards:
+        if not (_SHARD_FILE.fullmatch(shard.file) and _SOURCE.fullmatch(shard.source)
+                and 0 <= shard.bucket < len(index.buckets) and shard.rows >= 1):
+            log.warning("%s: damaged (shard entry %.200r is not a shard of this folder); packing again", path, shard)
+            return None
+    return index if index.shards else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +170,7 @@ class ShardReader:
             for b, (w, h) in enumerate(index.buckets)
         }
         # Every header is read and checked once, up front: a damaged shard is named before training starts.
-        self.layouts = [self._read_layout(folder / s.file, s.rows, expected[s.bucket]) for s in index.shards]
+        self.layouts = [self._read_layout(folder / s.file, s.rows, s.source, expected[s.bucket]) for s in index.shards]
         starts = torch.tensor([0] + [s.rows for s in index.shards]).cumsum(0)
         self._shard_starts = starts[:-1]
         self.num_samples = int(starts[-1])
@@ -146,10 +179,12 @@ class ShardReader:
     def __len__(self) -> int:
         return self.num_samples
 
-    def _read_layout(self, path: Path, rows: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, _Layout]:
+    def _read_layout(self, path: Path, rows: int, source: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, _Layout]:
         def bad(reason: str) -> InputError:
-            return InputError(f"{path}: damaged training data shard ({reason}); delete the folder {path.parent} "
+            return InputError(f"{path}: damaged training data shard ({reason}); delete the folder {self.folder} "
                               "and run again: it is packed again from the encoding cache")
+        if path.is_symlink() or not is_within(path, self.folder):  # the index names plain files; a link could go anywhere
+            raise bad("a link, not a file of the pack folder")
         try:
             with open(path, "rb") as handle:
                 (header_size,) = struct.unpack("<Q", handle.read(8))
@@ -161,6 +196,11 @@ class ShardReader:
             raise bad("file missing") from None
         except (OSError, ValueError, struct.error) as err:
             raise bad(f"header unreadable: {err}") from None
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        found = metadata.get(SOURCE_KEY) if isinstance(metadata, dict) else None
+        if found != source:
+            raise InputError(f"{path}: holds other samples than this data set's (a shard of another pack?); delete the "
+                             f"folder {self.folder} and run again: it is packed again from the encoding cache")
         layouts = {}
         for name, row_shape in shapes.items():
             entry = header.get(name) if isinstance(header, dict) else None

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from aaa_core.checkpoint import save_safetensors
+from aaa_core.checkpoint import safe_open_any, save_safetensors
 from aaa_core.errors import InputError
 
 TREE_KEY = "aaa_state_tree"  # the JSON skeleton in the file's metadata
@@ -81,7 +81,7 @@ def read_state_tensors(path: Path, device: "str | torch.device" = "cpu") -> tupl
     if not path.is_file():
         raise InputError(f"{path}: missing, the training state is incomplete; {DAMAGED}")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        with safe_open_any(path, device) as handle:
             return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
     except SafetensorError as err:
         raise InputError(f"{path}: not a readable safetensors file ({err}); {DAMAGED}") from None

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -70,6 +71,7 @@ from .encoded_data import Loading, load_training_data, plan_data
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
+from .memory import check_model_fits
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
 from .pairs import Skipped, find_samples, report_skipped
 from .run_folder import check_output_dir, claim_output_dir, run_to_continue
@@ -107,6 +109,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
     encoder_dtype = encoder_dtype_for(cfg.encoder_dtype, device)
     if use_cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
+    if not (cfg.resume or cfg.init_from):  # the sizes are the options' (else a file's, which was trained at that size)
+        sizes = AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=1)  # a lower bound
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        check_model_fits(sizes, compute_dtype, cfg.ema_decay > 0, device, world if fsdp else 1)
 
     out = Path(cfg.output_dir).expanduser()
     stop = StopRequest().install()  # first Ctrl-C / SIGTERM: finish the step, save, exit
