@@ -32,7 +32,7 @@ from aaa_core.errors import InputError
 from aaa_core.lora import LoraPair, check_strength, comfy_tensors, kohya_stem, merge_lora, parameter_shapes, read_lora
 
 from .cache import file_sha256
-from .samples import side_by_side
+from .sample_grids import side_by_side
 from .state_files import DAMAGED
 
 log = logging.getLogger(__name__)
