@@ -79,6 +79,13 @@ class LoraPair:
     def delta(self) -> torch.Tensor:
         return self.scale * (self.up.float() @ self.down.float())
 
+    def factors(self) -> list[torch.Tensor]:
+        return [self.down, self.up]
+
+    def shape(self) -> tuple[int, ...] | None:
+        """The shape of the delta, None if the factors do not multiply."""
+        return _product_shape(self.up, self.down)
+
     def suffixed(self) -> dict[str, torch.Tensor]:
         return {".lora_down.weight": self.down, ".lora_up.weight": self.up, **_alpha_entry(self.alpha)}
 
@@ -97,6 +104,13 @@ class LoHa:
         scale = 1.0 if self.alpha is None else self.alpha / self.w1_b.shape[0]
         return scale * (self.w1_a.float() @ self.w1_b.float()) * (self.w2_a.float() @ self.w2_b.float())
 
+    def factors(self) -> list[torch.Tensor]:
+        return [self.w1_a, self.w1_b, self.w2_a, self.w2_b]
+
+    def shape(self) -> tuple[int, ...] | None:
+        first, second = _product_shape(self.w1_a, self.w1_b), _product_shape(self.w2_a, self.w2_b)
+        return first if first == second else None
+
     def suffixed(self) -> dict[str, torch.Tensor]:
         names = ("w1_a", "w1_b", "w2_a", "w2_b")
         return {**{f".hada_{n}": getattr(self, n) for n in names}, **_alpha_entry(self.alpha)}
@@ -104,22 +118,34 @@ class LoHa:
 
 @dataclasses.dataclass(frozen=True)
 class LoKr:
-    """A Kronecker product; each factor whole or as a low-rank product (``factors`` by LyCORIS role name)."""
+    """A Kronecker product; each factor whole or as a low-rank product (tensors by LyCORIS role name)."""
 
-    factors: dict[str, torch.Tensor]
+    factors_by_role: dict[str, torch.Tensor]
     alpha: float | None
 
     def _factor(self, n: int) -> torch.Tensor:
-        whole = self.factors.get(f"lokr_w{n}")
-        return whole.float() if whole is not None else self.factors[f"lokr_w{n}_a"].float() @ self.factors[f"lokr_w{n}_b"].float()
+        whole = self.factors_by_role.get(f"lokr_w{n}")
+        if whole is not None:
+            return whole.float()
+        return self.factors_by_role[f"lokr_w{n}_a"].float() @ self.factors_by_role[f"lokr_w{n}_b"].float()
 
     def delta(self) -> torch.Tensor:
-        low_rank = [f"lokr_w{n}_b" for n in (2, 1) if f"lokr_w{n}" not in self.factors]
-        scale = self.alpha / self.factors[low_rank[0]].shape[0] if self.alpha is not None and low_rank else 1.0
+        low_rank = [f"lokr_w{n}_b" for n in (2, 1) if f"lokr_w{n}" not in self.factors_by_role]  # w2's rank first, as ComfyUI
+        scale = self.alpha / self.factors_by_role[low_rank[0]].shape[0] if self.alpha is not None and low_rank else 1.0
         return scale * torch.kron(self._factor(1), self._factor(2))
 
+    def factors(self) -> list[torch.Tensor]:
+        return list(self.factors_by_role.values())
+
+    def shape(self) -> tuple[int, ...] | None:
+        sides = []
+        for n in (1, 2):
+            whole, a, b = (self.factors_by_role.get(f"lokr_w{n}{s}") for s in ("", "_a", "_b"))
+            sides.append(tuple(whole.shape) if whole is not None and whole.ndim == 2 else _product_shape(a, b) if whole is None else None)
+        return None if None in sides else (sides[0][0] * sides[1][0], sides[0][1] * sides[1][1])
+
     def suffixed(self) -> dict[str, torch.Tensor]:
-        return {**{f".{role}": t for role, t in self.factors.items()}, **_alpha_entry(self.alpha)}
+        return {**{f".{role}": t for role, t in self.factors_by_role.items()}, **_alpha_entry(self.alpha)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +157,12 @@ class Diff:
     def delta(self) -> torch.Tensor:
         return self.diff.float()
 
+    def factors(self) -> list[torch.Tensor]:
+        return [self.diff]
+
+    def shape(self) -> tuple[int, ...] | None:
+        return tuple(self.diff.shape)
+
     def suffixed(self) -> dict[str, torch.Tensor]:
         return {".diff": self.diff}
 
@@ -140,6 +172,13 @@ Update = LoraPair | LoHa | LoKr | Diff
 
 def _alpha_entry(alpha: float | None) -> dict[str, torch.Tensor]:
     return {} if alpha is None else {".alpha": torch.tensor(alpha)}
+
+
+def _product_shape(left: torch.Tensor, right: torch.Tensor) -> tuple[int, int] | None:
+    """The shape of ``left @ right`` for matrices, None if they do not multiply."""
+    if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
+        return None
+    return left.shape[0], right.shape[1]
 
 
 def kohya_stem(name: str) -> str:
@@ -249,35 +288,13 @@ def _updates(module: str, roles: dict[str, tuple[str, torch.Tensor]], shapes: Ma
 
 def _check_shape(update: Update, shape: torch.Size, param: str, key: str, source: object) -> None:
     """Refuses a rank of 0 and factors whose product does not have the parameter's shape."""
-    if isinstance(update, LoraPair):
-        factors = [update.down, update.up]
-        fits = update.down.ndim == update.up.ndim == 2 and update.up.shape[1] == update.down.shape[0] and (update.up.shape[0], update.down.shape[1]) == tuple(shape)
-    elif isinstance(update, LoHa):
-        factors = [update.w1_a, update.w1_b, update.w2_a, update.w2_b]
-        fits = all(t.ndim == 2 for t in factors) and update.w1_a.shape[1] == update.w1_b.shape[0] and update.w2_a.shape[1] == update.w2_b.shape[0] \
-            and (update.w1_a.shape[0], update.w1_b.shape[1]) == (update.w2_a.shape[0], update.w2_b.shape[1]) == tuple(shape)
-    elif isinstance(update, LoKr):
-        factors = list(update.factors.values())
-        fits = all(t.ndim == 2 for t in factors) and _lokr_shape(update.factors) == tuple(shape)
-    else:
-        factors = []
-        fits = tuple(update.diff.shape) == tuple(shape)
-    if any(0 in t.shape for t in factors):
-        raise ModelFileError(f"{source}: LoRA key {key!r} has rank 0 ({' @ '.join(str(tuple(t.shape)) for t in factors)}); the file is empty or damaged")
-    if not fits:
-        stored = " and ".join(str(tuple(t.shape)) for t in factors) if factors else str(tuple(update.diff.shape))
+    factors = update.factors()
+    stored = " and ".join(str(tuple(t.shape)) for t in factors)
+    if not isinstance(update, Diff) and any(0 in t.shape for t in factors):
+        raise ModelFileError(f"{source}: LoRA key {key!r} has rank 0 ({stored}); the file is empty or damaged")
+    if update.shape() != tuple(shape):
         raise ModelFileError(f"{source}: LoRA key {key!r} holds {stored}, which does not fit {param} {tuple(shape)}; "
                              "the LoRA was made for another model")
-
-
-def _lokr_shape(factors: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
-    sides = []
-    for n in (1, 2):
-        whole, a, b = (factors.get(f"lokr_w{n}{s}") for s in ("", "_a", "_b"))
-        if whole is None and a.shape[1] != b.shape[0]:
-            return None
-        sides.append(tuple(whole.shape) if whole is not None else (a.shape[0], b.shape[1]))
-    return sides[0][0] * sides[1][0], sides[0][1] * sides[1][1]
 
 
 def comfy_tensors(updates: Mapping[str, Update]) -> dict[str, torch.Tensor]:
