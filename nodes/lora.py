@@ -1,16 +1,16 @@
-"""AAA LoRA Loader: applies a LoRA for AAADiT in any of the common key layouts to a MODEL.
+"""AAA LoRA Loader: applies a LoRA file for AAADiT, in any layout ComfyUI reads for it, to a MODEL.
 
-ComfyUI's own LoraLoaderModelOnly reads the kohya layout on every release and the PEFT layout
-with a ``diffusion_model.`` prefix on current ones; this node also reads PEFT files without that
-prefix (or with ``transformer.``) and PEFT files on the 2024 release, and checks every key
-against the model so a LoRA for another model is a one-line error instead of a silent no-op.
+The layouts and their maths are ``aaa_core.lora``'s. Besides what LoraLoaderModelOnly reads, this
+node reads PEFT files without a prefix (or with ``transformer.``) and PEFT files on the 2024
+release, and checks every key and value, so a LoRA for another model is a one-line error instead
+of a silent no-op.
 """
 
 from __future__ import annotations
 
 from ..aaa_core.checkpoint import read_safetensors
 from ..aaa_core.errors import InputError
-from ..aaa_core.lora import linear_weight_shapes, read_lora
+from ..aaa_core.lora import check_strength, parameter_shapes, read_lora
 from . import comfy_bridge as bridge
 from .native_model import sampling_handle, with_lora
 
@@ -20,8 +20,8 @@ LORA_FOLDER = "loras"
 class AAALoraLoader:
     CATEGORY = "AAADiT/loaders"
     DESCRIPTION = (
-        "Applies a LoRA (models/loras) to an AAADiT MODEL: PEFT/diffusers keys (blocks.N.to_q.lora_A.weight, "
-        "any common prefix) or kohya keys (lora_unet_blocks_N_to_q.lora_down.weight with alpha)."
+        "Applies a LoRA (models/loras) to an AAADiT MODEL: kohya, PEFT/diffusers (any common prefix), ComfyUI's "
+        "own SaveLoRA files (LoRA pairs plus .diff/.diff_b), LoHa, LoKr and full weight diffs."
     )
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the LoRA applied, for AAA Sampler or a native sampler.",)
@@ -42,5 +42,6 @@ class AAALoraLoader:
         path = bridge.model_file_path(LORA_FOLDER, lora_name)
         if path is None:
             raise InputError(f"LoRA {lora_name!r} is not in the models/{LORA_FOLDER} folder")
+        strength = check_strength(strength_model, path.name)
         lora, _ = read_safetensors(path)
-        return (with_lora(model, read_lora(lora, linear_weight_shapes(dit), path.name), strength_model),)
+        return (with_lora(model, read_lora(lora, parameter_shapes(dit), path.name), strength, path.name),)

@@ -22,7 +22,7 @@ import torch
 
 from ..aaa_core.dit import AAADiT
 from ..aaa_core.errors import InputError
-from ..aaa_core.lora import LoraPair, merge_lora, to_kohya
+from ..aaa_core.lora import NATIVE_PREFIX, Update, comfy_tensors, merge_lora
 from . import comfy_bridge as bridge
 from .conditioning import check_embeds_width
 from .native_dit import FlowMatchingSampling, flux2_shift, forward_memory
@@ -122,16 +122,20 @@ def sampling_handle(model: Any) -> Any:
     return _PatchedDiT(model)
 
 
-def with_lora(model: Any, pairs: dict[str, LoraPair], strength: float) -> Any:
+def with_lora(model: Any, updates: dict[str, Update], strength: float, source: str) -> Any:
     """A new MODEL with the LoRA applied; ``model`` itself is left unchanged.
 
-    In ComfyUI the LoRA becomes weight patches through ComfyUI's own LoRA loading (under kohya
-    keys, which every release reads), so it stacks with other patches and unloads cleanly.
+    In ComfyUI the LoRA becomes weight patches through ComfyUI's own LoRA loading (under the keys
+    every release maps for this model, ``aaa_core.lora.comfy_tensors``), so it stacks with other
+    patches and unloads cleanly; a parameter this ComfyUI cannot patch is a one-line error.
     Outside ComfyUI the DiT is copied and the LoRA merged into the copy.
     """
     if bridge.IN_COMFYUI:
-        patched, _ = comfy.sd.load_lora_for_models(model, None, to_kohya(pairs), strength, 0)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, comfy_tensors(updates), strength, 0)
+        unpatched = sorted(name for name in updates if NATIVE_PREFIX + name not in patched.patches)
+        if unpatched:
+            raise InputError(f"{source}: this ComfyUI cannot patch {unpatched[0]} of AAADiT; update ComfyUI to apply this LoRA")
         return patched
     dit = copy.deepcopy(model.model)
-    merge_lora(dit, pairs, strength)
+    merge_lora(dit, updates, strength, source)
     return bridge.ManagedModel(dit, dit, bridge.DIT, model.weight_dtype, model.compute_dtype, model.path)

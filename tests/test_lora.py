@@ -9,8 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_formats import FORMATS
 from node_helpers import bridge, errors, one_line_error
 from pack_import import node, pack_module
+from tiny_models import TINY_DIT
+
+from aaa_core.dit import AAADiT
 
 lora = pack_module("aaa_core.lora")
 
@@ -22,8 +26,9 @@ TARGETS = ("blocks.0.to_q", "blocks.1.ff.0", "proj_out")
 
 def factors(dit) -> dict:
     gen = torch.Generator().manual_seed(5)
-    shapes = lora.linear_weight_shapes(dit)
-    return {name: (torch.randn(RANK, shapes[name][1], generator=gen), torch.randn(shapes[name][0], RANK, generator=gen)) for name in TARGETS}
+    shapes = lora.parameter_shapes(dit)
+    return {name: (torch.randn(RANK, shapes[f"{name}.weight"][1], generator=gen), torch.randn(shapes[f"{name}.weight"][0], RANK, generator=gen))
+            for name in TARGETS}
 
 
 def layout(pairs: dict, kind: str) -> dict:
@@ -66,12 +71,12 @@ def test_every_layout_merges_the_hand_computed_update(models, loras_dir, kind):
     "tensors, expected",
     [
         ({"blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 64), "blocks.0.attn.qkv.lora_B.weight": torch.zeros(64, 2)},
-         "bad.safetensors: LoRA key 'blocks.0.attn.qkv.lora_A.weight' names no linear layer of this AAADiT"),
+         "bad.safetensors: LoRA key 'blocks.0.attn.qkv.lora_A.weight' names no layer of this AAADiT"),
         ({"blocks.0.to_q.lora_A.weight": torch.zeros(2, 3072), "blocks.0.to_q.lora_B.weight": torch.zeros(3072, 2)},
-         "bad.safetensors: LoRA for blocks.0.to_q is (3072, 2) @ (2, 3072), but that layer's weight is (64, 64)"),
-        ({"blocks.0.to_q.lora_A.weight": torch.zeros(2, 64)}, "has no matching 'blocks.0.to_q.lora_B.weight'"),
+         "bad.safetensors: LoRA key 'blocks.0.to_q.lora_A.weight' holds (2, 3072) and (3072, 2), which does not fit blocks.0.to_q.weight (64, 64)"),
+        ({"blocks.0.to_q.lora_A.weight": torch.zeros(2, 64)}, "key 'blocks.0.to_q.lora_A.weight' has no matching 'up' tensor"),
         ({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)},
-         "LoRA key 'lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight' names no linear layer"),
+         "LoRA key 'lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight' names no layer"),
         ({"blocks.0.to_q.weight": torch.zeros(64, 64)},  # a model checkpoint, not a LoRA
          "bad.safetensors: key 'blocks.0.to_q.weight' is not in a LoRA layout for AAADiT"),
     ],
@@ -80,4 +85,22 @@ def test_a_lora_for_another_model_is_a_one_line_error(models, loras_dir, tensors
     save_file(tensors, str(loras_dir / "bad.safetensors"))
     with pytest.raises(errors.ModelFileError) as excinfo:
         node("AAALoraLoader")(models.dit, "bad.safetensors", 1.0)
+    assert expected in one_line_error(excinfo)
+
+
+@pytest.mark.parametrize(
+    "strength, alpha, expected",
+    [
+        (float("nan"), 3.0, "kohya.safetensors: LoRA strength nan is not a finite number"),
+        (1e39, 3.0, "kohya.safetensors: LoRA strength 1e+39 is not a finite number"),
+        (1.0, float("nan"), "kohya.safetensors: LoRA tensor 'lora_unet_blocks_0_to_q.alpha' holds NaN or infinite values"),
+    ],
+)
+def test_the_node_checks_strength_and_values_and_names_the_lora(models, loras_dir, strength, alpha, expected):
+    """Issue 16: a NaN strength or alpha is refused at the LoRA node, naming the LoRA file, not left to fail later."""
+    tensors, _ = FORMATS["kohya"](lora.parameter_shapes(AAADiT(TINY_DIT)))
+    tensors["lora_unet_blocks_0_to_q.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(loras_dir / "kohya.safetensors"))
+    with pytest.raises((errors.InputError, errors.ModelFileError)) as excinfo:
+        node("AAALoraLoader")(models.dit, "kohya.safetensors", strength)
     assert expected in one_line_error(excinfo)

@@ -29,7 +29,7 @@ from torch import nn
 from aaa_core.checkpoint import file_sha256, read_safetensors, save_safetensors
 from aaa_core.dit import AAADiT, load_dit
 from aaa_core.errors import InputError
-from aaa_core.lora import LoraPair, kohya_stem, linear_weight_shapes, merge_lora, read_lora, to_kohya
+from aaa_core.lora import LoraPair, check_strength, comfy_tensors, kohya_stem, merge_lora, parameter_shapes, read_lora
 
 from .sample_grids import side_by_side
 from .state_files import DAMAGED
@@ -73,9 +73,9 @@ class LoraAdapters(nn.ModuleDict):
         self.module_names = list(adapters)  # the DiT's module names, in the same order
 
     def pairs(self) -> dict[str, LoraPair]:
-        """Module name -> its current update, in the form ``aaa_core.lora`` saves and merges."""
+        """Weight name (``blocks.0.to_q.weight``) -> its current update, in the form ``aaa_core.lora`` saves and merges."""
         return {
-            name: LoraPair(a.lora_down.weight.detach(), a.lora_up.weight.detach(), a.alpha)
+            f"{name}.weight": LoraPair(a.lora_down.weight.detach(), a.lora_up.weight.detach(), a.alpha)
             for name, a in zip(self.module_names, self.values())
         }
 
@@ -139,7 +139,7 @@ class LoraRun:
 
     def save(self, adapters: LoraAdapters, path: Path, step: int, weights: str, dtype: torch.dtype, run_id: str) -> Path:
         """Writes the adapters as a kohya-layout LoRA file, atomically, with what it was trained from in the metadata."""
-        tensors = {k: v.to(dtype) for k, v in to_kohya(adapters.pairs()).items()}
+        tensors = {k: v.to(dtype) for k, v in comfy_tensors(adapters.pairs()).items()}
         settings = self.settings
         metadata = {
             BASE_HASH_KEY: settings["base_sha256"], "aaa_lora_base_file": self.base_file,
@@ -176,12 +176,13 @@ def check_state_kind(progress: dict[str, Any], state: Path, settings: dict[str, 
 
 def merge_lora_file(lora_path: Path, base_path: Path, strength: float = 1.0) -> AAADiT:
     """The base DiT (float32) with a LoRA file merged in at ``strength``; any layout ``aaa_core.lora`` reads."""
+    strength = check_strength(strength, lora_path)
     model = load_dit(base_path, dtype=torch.float32)
     tensors, metadata = read_safetensors(lora_path)
-    pairs = read_lora(tensors, linear_weight_shapes(model), lora_path)
+    updates = read_lora(tensors, parameter_shapes(model), lora_path)
     expected = metadata.get(BASE_HASH_KEY)
     if expected and expected != file_sha256(base_path):
         log.warning("%s was trained on another base (%s) than %s; merging anyway",
                     lora_path, metadata.get("aaa_lora_base_file", expected[:12]), base_path)
-    merge_lora(model, pairs, strength)
+    merge_lora(model, updates, strength, lora_path)
     return model
