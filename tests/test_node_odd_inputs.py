@@ -10,7 +10,7 @@ import torch
 from node_helpers import errors, one_line_error
 from pack_import import node
 
-pytestmark = pytest.mark.usefixtures("fallback_folders")
+pytestmark = pytest.mark.usefixtures("model_folders")
 
 EMPTY = "no images or no pixels; AAADiT takes at least one latent of at least 1x1 (16x16 pixels)"
 
