@@ -18,7 +18,7 @@ from ..aaa_core.preflight import check_models_fit
 from ..aaa_core.sampling import batch_seed, make_noise, sample
 from . import comfy_bridge as bridge
 from .conditioning import conditioning_embeds
-from .latent import latent_samples
+from .latent import batch_indices, latent_samples
 from .native_dit import forward_memory
 from .native_model import aaadit_of, compute_dtype, load_patched
 
@@ -93,7 +93,7 @@ def reference_noise(seed: int, latent_image: dict, dtype: torch.dtype = torch.fl
     After Latent From Batch, ComfyUI's ``batch_index`` keeps each image's own seed.
     """
     batch, _, height, width = latent_image["samples"].shape
-    offsets = latent_image.get("batch_index")
+    offsets = batch_indices(latent_image, "latent_image")
     if not offsets or len(offsets) != batch:
         offsets = range(batch)
     return torch.cat([make_noise(batch_seed(seed, k), 1, height, width, dtype, device) for k in offsets])
