@@ -25,9 +25,10 @@ import torch
 
 from ..aaa_core.dit import AAADiT
 from ..aaa_core.errors import InputError
+from ..aaa_core.guards import require_finite
 from ..aaa_core.lora import LoraPair, to_kohya
 from . import comfy_bridge as bridge
-from .conditioning import check_embeds_width
+from .conditioning import check_prompt_embedding
 from .native_dit import FlowMatchingSampling, flux2_shift, forward_memory
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,21 @@ class AAADiTModel(comfy.model_base.BaseModel):
             self.model_sampling = FlowMatchingSampling(model_config)
 
     def extra_conds(self, **kwargs) -> dict:
-        """ComfyUI's conds, after checking the prompt embedding fits this DiT (else a one-line error)."""
+        """ComfyUI's conds, after checking the prompt is AAA Text Encode's for this DiT (else a one-line error).
+
+        Every native sampler (KSampler, KSamplerAdvanced, SamplerCustom, SamplerCustomAdvanced)
+        calls this once per conditioning entry before the first step; ``kwargs`` holds the entry's
+        options and ``cross_attn``, its embedding.
+        """
         cross_attn = kwargs.get("cross_attn")
         if cross_attn is not None:
-            check_embeds_width(cross_attn, "the", self.diffusion_model.config.text_dim)
+            name = kwargs.get("prompt_type") or "the"
+            check_prompt_embedding(cross_attn, kwargs, name, self.diffusion_model.config.text_dim)
         return super().extra_conds(**kwargs)
+
+    def process_latent_out(self, latent: torch.Tensor) -> torch.Tensor:
+        """Every native sampler's result passes here: NaN/inf is a one-line error, as in AAA Sampler."""
+        return super().process_latent_out(require_finite(latent, "sampled latents", self.manual_cast_dtype or self.get_dtype()))
 
     def memory_required(self, input_shape, cond_shapes=None) -> float:
         """Bytes one forward over a batch of ``input_shape`` (B, C, H, W) needs besides the weights."""
