@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..aaa_core.errors import InputError
+from ..aaa_core.geometry import TEXT_TOKENS
 from ..aaa_core.limits import check_text
 from . import comfy_bridge as bridge
 
@@ -87,8 +88,6 @@ def check_prompt_embedding(embeds, options: dict, name: str, width: int) -> None
     Another encoder's conditioning (Anima's from native Load CLIP: ``(1, n_tokens, 1024)`` plus
     attention_mask / t5xxl_ids) fails the token count or the keys.
     """
-    from ..aaa_core.text_encoder import MAX_TOKENS  # imports transformers: only when a prompt is checked
-
     foreign = f"this conditioning comes from another text encoder: {FIX}"
     if not torch.is_tensor(embeds) or embeds.ndim != 3:
         shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
@@ -96,8 +95,8 @@ def check_prompt_embedding(embeds, options: dict, name: str, width: int) -> None
     if embeds.shape[-1] != width:
         raise InputError(f"{name} conditioning is {embeds.shape[-1]} wide but this AAADiT takes {width}: {foreign}")
     tokens = embeds.shape[1]
-    if tokens == 0 or tokens % MAX_TOKENS:
-        raise InputError(f"{name} conditioning has {tokens} tokens but AAADiT prompts have {MAX_TOKENS}: {foreign}")
+    if tokens == 0 or tokens % TEXT_TOKENS:
+        raise InputError(f"{name} conditioning has {tokens} tokens but AAADiT prompts have {TEXT_TOKENS}: {foreign}")
     keys = sorted(key for key in ENCODER_KEYS if key in options)
     if keys:
         raise InputError(f"{name} conditioning carries {', '.join(keys)}, which AAA Text Encode never makes: {foreign}")
