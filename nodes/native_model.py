@@ -25,6 +25,7 @@ import torch
 
 from ..aaa_core.dit import AAADiT
 from ..aaa_core.errors import InputError
+from ..aaa_core.geometry import TEXT_TOKENS
 from ..aaa_core.guards import require_finite
 from ..aaa_core.lora import LoraPair, to_kohya
 from . import comfy_bridge as bridge
@@ -86,7 +87,7 @@ class AAADiTModel(comfy.model_base.BaseModel):
 
     def memory_required(self, input_shape, cond_shapes=None) -> float:
         """Bytes one forward over a batch of ``input_shape`` (B, C, H, W) needs besides the weights."""
-        text_len = 128
+        text_len = TEXT_TOKENS
         cross_attn = (cond_shapes or {}).get("c_crossattn")
         if cross_attn:
             text_len = max(shape[1] for shape in cross_attn)
