@@ -1,8 +1,8 @@
 """ComfyUI nodes for AAADiT: loaders, prompt encoding, sampling and the FLUX.2 VAE.
 
-Every node id and display name is defined here, once. The modules are glue: ``comfy_bridge`` and
-``native_model`` (the DiT as a native MODEL) are the only ones that touch ComfyUI, ``native_dit``
-adapts AAADiT to ComfyUI's calling conventions in plain torch, ``model_files`` resolves and
+Every node id and display name is defined here, once. The modules are glue: ``comfy_bridge`` (ComfyUI's
+devices, memory manager, progress and folders) and ``native_model`` (the DiT as a native MODEL) call
+ComfyUI, ``native_dit`` adapts AAADiT to ComfyUI's calling conventions in plain torch, ``model_files`` resolves and
 downloads model files, and the node modules read their widgets and call ``aaa_core``.
 """
 

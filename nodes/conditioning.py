@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..aaa_core.errors import InputError
+from ..aaa_core.geometry import TEXT_TOKENS
 from ..aaa_core.limits import check_text
 from . import comfy_bridge as bridge
 
@@ -46,6 +47,15 @@ class AAATextEncode:
         return ([[embeds.to(device=bridge.intermediate_device(), dtype=torch.float32), {}]],)
 
 
+# Keys ComfyUI's text encoders put beside their embedding (comfy/sd1_clip.py, comfy/text_encoders/):
+# attention masks, Anima's T5 token ids and weights, the second encoders of HiDream and HunyuanImage,
+# ACE's lyrics. AAA Text Encode puts none of them.
+ENCODER_KEYS = ("attention_mask", "t5xxl_ids", "t5xxl_weights", "conditioning_llama3", "conditioning_byt5small", "conditioning_lyrics")
+# Added by every native CLIP Text Encode (None for most encoders); AAADiT has no pooled input.
+POOLED_KEY = "pooled_output"
+FIX = "encode the prompt with AAA Text Encode (the Qwen3 text encoder from AAA Text Encoder Loader)"
+
+
 def conditioning_embeds(conditioning, name: str, width: int) -> torch.Tensor:
     """The prompt embedding ``(B, L, width)`` in a CONDITIONING, or a one-line error saying what is wrong with it."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
@@ -57,20 +67,36 @@ def conditioning_embeds(conditioning, name: str, width: int) -> torch.Tensor:
         )
     entry = conditioning[0]
     embeds = entry[0] if isinstance(entry, (list, tuple)) and entry else None
-    if not torch.is_tensor(embeds) or embeds.ndim != 3:
-        shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
-        raise InputError(f"{name} conditioning holds {shape}, not a (batch, tokens, width) prompt embedding")
-    check_embeds_width(embeds, name, width)
-    extras = sorted(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else []
-    if extras:
-        log.warning("AAADiT ignores these %s conditioning options: %s", name, ", ".join(extras))
+    options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 and isinstance(entry[1], dict) else {}
+    check_prompt_embedding(embeds, options, name, width)
+    ignored = sorted(key for key in options if key != POOLED_KEY)
+    if ignored:
+        log.warning("AAADiT ignores these %s conditioning options: %s", name, ", ".join(ignored))
     return embeds
 
 
-def check_embeds_width(embeds: torch.Tensor, name: str, width: int) -> None:
-    """A one-line error unless the prompt embedding is ``width`` wide (the DiT's text_dim)."""
+def check_prompt_embedding(embeds, options: dict, name: str, width: int) -> None:
+    """A one-line error naming the fix unless ``embeds`` and ``options`` are what AAA Text Encode makes for this DiT.
+
+    AAA Text Encode's CONDITIONING is ``[[embeds, {}]]``: ``embeds`` is ``(batch, 128, text_dim)``,
+    the Qwen3 last hidden state at all 128 padded positions. Accepted, in AAA Sampler and in every
+    native sampler (``native_model.AAADiTModel.extra_conds``):
+    - a tensor of rank 3 whose width is the DiT's ``text_dim``;
+    - whose token count is 128 or a multiple of it (Conditioning Concat joins whole prompts);
+    - whose options hold none of ``ENCODER_KEYS``; ``pooled_output`` (any value) and ComfyUI's
+      encoder-independent options (area, strength, timestep range, mask, hooks, ControlNet) may be there.
+    Another encoder's conditioning (Anima's from native Load CLIP: ``(1, n_tokens, 1024)`` plus
+    attention_mask / t5xxl_ids) fails the token count or the keys.
+    """
+    foreign = f"this conditioning comes from another text encoder: {FIX}"
+    if not torch.is_tensor(embeds) or embeds.ndim != 3:
+        shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+        raise InputError(f"{name} conditioning holds {shape}, not a (batch, tokens, width) prompt embedding; {FIX}")
     if embeds.shape[-1] != width:
-        raise InputError(
-            f"{name} conditioning is {embeds.shape[-1]} wide but this AAADiT takes {width}: "
-            "it was made by another text encoder; use AAA Text Encode with the Qwen3 text encoder"
-        )
+        raise InputError(f"{name} conditioning is {embeds.shape[-1]} wide but this AAADiT takes {width}: {foreign}")
+    tokens = embeds.shape[1]
+    if tokens == 0 or tokens % TEXT_TOKENS:
+        raise InputError(f"{name} conditioning has {tokens} tokens but AAADiT prompts have {TEXT_TOKENS}: {foreign}")
+    keys = sorted(key for key in ENCODER_KEYS if key in options)
+    if keys:
+        raise InputError(f"{name} conditioning carries {', '.join(keys)}, which AAA Text Encode never makes: {foreign}")

@@ -8,6 +8,8 @@ current ComfyUI, the native FLUX.2 VAE Decode/Encode work on it too.
 from __future__ import annotations
 
 import logging
+import numbers
+import reprlib
 
 import torch
 
@@ -49,6 +51,22 @@ def latent_samples(latent, name: str) -> torch.Tensor:
             "at 1/16 size: use AAA Empty Latent Image or AAA VAE Encode"
         )
     return samples
+
+
+def batch_indices(latent: dict, name: str) -> list[int] | None:
+    """A LATENT's ``batch_index`` (each image's index in the batch it came from, set by Latent From
+    Batch), None when it has none, else a one-line error: it picks each image's noise seed."""
+    indices = latent.get("batch_index")
+    if indices is None:
+        return None
+    if not isinstance(indices, (list, tuple)) or not all(
+        isinstance(index, numbers.Integral) and not isinstance(index, bool) and index >= 0 for index in indices
+    ):
+        raise InputError(
+            f"{name} has batch_index {reprlib.repr(indices)}; it must list whole numbers >= 0, each image's index "
+            "in its batch, as Latent From Batch sets it"
+        )
+    return [int(index) for index in indices]
 
 
 class AAAEmptyLatentImage:

@@ -12,7 +12,7 @@ from ..aaa_core.checkpoint import read_safetensors
 from ..aaa_core.errors import InputError
 from ..aaa_core.lora import check_strength, parameter_shapes, read_lora
 from . import comfy_bridge as bridge
-from .native_model import sampling_handle, with_lora
+from .native_model import aaadit_of, with_lora
 
 LORA_FOLDER = "loras"
 
@@ -38,7 +38,7 @@ class AAALoraLoader:
         }
 
     def load(self, model, lora_name: str, strength_model: float):
-        dit = sampling_handle(model).model
+        dit = aaadit_of(model)
         path = bridge.model_file_path(LORA_FOLDER, lora_name)
         if path is None:
             raise InputError(f"LoRA {lora_name!r} is not in the models/{LORA_FOLDER} folder")

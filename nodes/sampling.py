@@ -18,9 +18,9 @@ from ..aaa_core.preflight import check_models_fit
 from ..aaa_core.sampling import batch_seed, make_noise, sample
 from . import comfy_bridge as bridge
 from .conditioning import conditioning_embeds
-from .latent import latent_samples
+from .latent import batch_indices, latent_samples
 from .native_dit import forward_memory
-from .native_model import sampling_handle
+from .native_model import aaadit_of, compute_dtype, load_patched
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,12 @@ class AAASampler:
         }
 
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, denoise: float):
-        model = sampling_handle(model)
+        config = aaadit_of(model).config
         samples = latent_samples(latent_image, "latent_image")
-        width = model.model.config.text_dim
+        width = config.text_dim
         positive = conditioning_embeds(positive, "positive", width)
         negative = conditioning_embeds(negative, "negative", width)
-        check_models_fit(model.model.config, positive.shape[-1], samples.shape[1], "model", "the positive conditioning", "latent_image")
+        check_models_fit(config, positive.shape[-1], samples.shape[1], "model", "the positive conditioning", "latent_image")
         if positive.shape[1] != negative.shape[1]:
             raise InputError(f"positive has {positive.shape[1]} tokens but negative {negative.shape[1]}; encode both with AAA Text Encode")
         # ComfyUI's min/max widget checks let NaN through (every comparison with it is false).
@@ -72,8 +72,8 @@ class AAASampler:
 
         batch, _, height, width = samples.shape
         rows = batch * (2 if cfg != 1.0 else 1)  # CFG runs both prompts as one batch
-        dit = model.load(forward_memory(model.model.config, rows, height, width, positive.shape[1], model.compute_dtype))
-        device, dtype = model.load_device, model.compute_dtype
+        device, dtype = model.load_device, compute_dtype(model)
+        dit = load_patched(model, forward_memory(config, rows, height, width, positive.shape[1], dtype))
         if "noise_mask" in latent_image:
             log.warning("AAA Sampler: the latent's noise_mask is ignored (no inpainting); the whole image is sampled")
         noise = reference_noise(seed, latent_image, dtype, device)
@@ -93,7 +93,7 @@ def reference_noise(seed: int, latent_image: dict, dtype: torch.dtype = torch.fl
     After Latent From Batch, ComfyUI's ``batch_index`` keeps each image's own seed.
     """
     batch, _, height, width = latent_image["samples"].shape
-    offsets = latent_image.get("batch_index")
+    offsets = batch_indices(latent_image, "latent_image")
     if not offsets or len(offsets) != batch:
         offsets = range(batch)
     return torch.cat([make_noise(batch_seed(seed, k), 1, height, width, dtype, device) for k in offsets])

@@ -353,6 +353,9 @@ def _child_main(request_path: Path, result_path: Path) -> None:
     comfy = _boot_comfyui(Path(request["comfyui_root"]))
     model_files = _point_folders(comfy.folder_paths, request["dirs"], request["model_paths"])
     pack = _load_pack(comfy.nodes, Path(request["pack_dir"]))
+    for path in request.get("test_nodes", []):
+        if not _call(comfy.nodes.load_custom_node, path, ignore=set(comfy.nodes.NODE_CLASS_MAPPINGS), module_parent="custom_nodes"):
+            raise RuntimeError(f"the test nodes in {path} failed to load; see the log above")
     server, hook = _Server(), _ProgressHook(comfy.model_management)
     comfy.utils.set_progress_bar_global_hook(hook)
     startup_seconds = time.perf_counter() - started

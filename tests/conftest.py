@@ -1,6 +1,7 @@
-"""Fixtures: float32 as the CPU's ``auto`` dtype in every test; for the node tests, tiny model files
-in ComfyUI's folder layout and the three models loaded once through the loader nodes. Node test
-modules opt in with ``pytestmark = pytest.mark.usefixtures("fallback_folders")``.
+"""Fixtures: float32 as the CPU's ``auto`` dtype in every test; for the node tests (which run in the
+ComfyUI imported by ``pack_import``), tiny model files in ComfyUI's folder layout and the three
+models loaded once through the loader nodes. Node test modules opt in with
+``pytestmark = pytest.mark.usefixtures("model_folders")``.
 """
 
 from __future__ import annotations
@@ -31,27 +32,29 @@ def models_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def fallback_folders(models_root, monkeypatch):
-    """Points the fallback's folder lookup at the tiny models, and leaves no hook or Cancel behind."""
-    from node_helpers import bridge, model_dirs
+def model_folders(models_root, monkeypatch):
+    """Points ComfyUI's model folders at the tiny models, and leaves no progress hook or Cancel behind."""
+    import comfy.model_management
+    import comfy.utils
+    from node_helpers import model_dirs, use_model_dirs
 
-    monkeypatch.setattr(bridge, "FALLBACK_MODEL_DIRS", model_dirs(models_root))
-    monkeypatch.setattr(bridge, "progress_hook", None)
+    use_model_dirs(monkeypatch, model_dirs(models_root))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
     yield
-    monkeypatch.setattr(bridge, "_interrupt_requested", False)
+    comfy.model_management.interrupt_current_processing(False)
 
 
 @pytest.fixture(scope="module")
 def models(models_root):
-    from node_helpers import bridge, model_dirs
+    from node_helpers import model_dirs, use_model_dirs
     from pack_import import node
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bridge, "FALLBACK_MODEL_DIRS", model_dirs(models_root))
+        use_model_dirs(patch, model_dirs(models_root))
         (dit,) = node("AAADiTLoader")("aaa_tiny.safetensors", "auto")
         (text_encoder,) = node("AAATextEncoderLoader")("qwen3_tiny.safetensors", "auto")
         (vae,) = node("AAAVAELoader")("flux2_tiny.safetensors", "auto")
-    return SimpleNamespace(dit=dit, text_encoder=text_encoder, vae=vae)
+    return SimpleNamespace(dit=dit, text_encoder=text_encoder, vae=vae, dit_path=models_root / "unet" / "aaa_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ import torch
 from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS, AAADiT, AAADiTConfig, check_dit_file, empty_dit, load_dit
 from aaa_core.checkpoint import check_state_dict_matches, read_header
 from aaa_core.errors import InputError
-from node_helpers import bridge
+from node_helpers import bridge, use_model_dirs
 from pack_import import node, pack_module
 from training.checkpoints import save_weights, weights_metadata
 from training.config import parse_config
 
-pytestmark = pytest.mark.usefixtures("fallback_folders")
+pytestmark = pytest.mark.usefixtures("model_folders")
 
 PARAMETERS = {"AAA-S": 26_391_168, "AAA-B": 128_824_448, "AAA-L": 458_356_352, "AAA-XL": 1_014_925_440}
 LOADED_FOR_REAL = ("AAA-S", "AAA-B")
@@ -88,13 +88,13 @@ def save_sparse_checkpoint(path, config: AAADiTConfig) -> None:
 def test_every_presets_checkpoint_loads_strictly_in_core_and_in_the_node(name, tmp_path, monkeypatch):
     config = DIT_PRESETS[name]
     path = tmp_path / f"{name}.safetensors"
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [tmp_path])
+    use_model_dirs(monkeypatch, {"unet": [tmp_path]})
     if name in LOADED_FOR_REAL:
         zeros = {k: torch.zeros(t.shape, dtype=torch.bfloat16) for k, t in meta_state_dict(config).items()}
         save_weights(zeros, path, config, step=1, weights="ema", dtype=torch.bfloat16)
         assert load_dit(path).config == config
         (dit,) = node("AAADiTLoader")(path.name, "bf16")
-        assert dit.model.config.to_json() == config.to_json() and dit.model.dtype == torch.bfloat16
+        assert dit.model.diffusion_model.config.to_json() == config.to_json() and dit.model.diffusion_model.dtype == torch.bfloat16
         return
     save_sparse_checkpoint(path, config)
     assert check_dit_file(path) == config  # every key and shape against the model aaa_core would build

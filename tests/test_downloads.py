@@ -146,11 +146,11 @@ def test_unwritable_model_folder_is_named_before_any_download():
 
 def test_loader_node_reports_a_bad_official_file_in_its_folder(tmp_path, monkeypatch, vae_bytes):
     """The official name is where the node downloads to; a bad file there is reported, not loaded."""
-    from node_helpers import bridge, errors, one_line_error
+    from node_helpers import errors, one_line_error, use_model_dirs
     from pack_import import node
 
     (tmp_path / "flux2_vae.safetensors").write_bytes(vae_bytes[:100])
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [tmp_path])
+    use_model_dirs(monkeypatch, {"vae": [tmp_path]})
     with pytest.raises(errors.ModelFileError) as err:
         node("AAAVAELoader")("flux2_vae.safetensors", "auto")
     assert one_line_error(err).endswith("delete it and run again to download it afresh")

@@ -213,7 +213,7 @@ def test_training_skips_a_bomb_by_name_and_reads_16_bit_images_scaled(tmp_path, 
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("fallback_folders")
+@pytest.mark.usefixtures("model_folders")
 def test_vae_encode_divides_a_uint8_image_by_255(models):
     pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
     (as_uint8,) = node("AAAVAEEncode")(pixels, models.vae)
@@ -221,7 +221,7 @@ def test_vae_encode_divides_a_uint8_image_by_255(models):
     assert torch.equal(as_uint8["samples"], as_float["samples"])
 
 
-@pytest.mark.usefixtures("fallback_folders")
+@pytest.mark.usefixtures("model_folders")
 @pytest.mark.parametrize(
     "pixels,message",
     [
@@ -240,7 +240,7 @@ def test_vae_encode_refuses_bad_images_with_one_line(models, pixels, message):
     assert message in one_line_error(excinfo)
 
 
-@pytest.mark.usefixtures("fallback_folders")
+@pytest.mark.usefixtures("model_folders")
 def test_vae_encode_clamps_rounding_noise_just_outside_0_1(models):
     pixels = torch.rand(1, 32, 32, 3)
     noisy = pixels.clone()

@@ -1,6 +1,6 @@
 """LoRA files for AAADiT: every supported key layout gives W + strength * alpha/rank * B @ A, and
-files for another model are one-line errors. Runs AAA LoRA Loader without ComfyUI (it merges into
-a copy there); the ComfyUI tests check the same numbers through ComfyUI's own patching.
+files for another model are one-line errors. Runs AAA LoRA Loader in the ComfyUI imported
+in-process: the LoRA becomes ComfyUI weight patches, applied when the MODEL is loaded.
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ import torch
 from safetensors.torch import save_file
 
 from lora_formats import FORMATS
-from node_helpers import bridge, errors, one_line_error
+from node_helpers import errors, one_line_error, use_model_dirs
 from pack_import import node, pack_module
 from tiny_models import TINY_DIT
 
 from aaa_core.dit import AAADiT
 
 lora = pack_module("aaa_core.lora")
+load_patched = pack_module("nodes.native_model").load_patched
 
-pytestmark = pytest.mark.usefixtures("fallback_folders")
+pytestmark = pytest.mark.usefixtures("model_folders")
 
 RANK, ALPHA, STRENGTH = 2, 3.0, 0.5
 TARGETS = ("blocks.0.to_q", "blocks.1.ff.0", "proj_out")
@@ -45,18 +46,19 @@ def layout(pairs: dict, kind: str) -> dict:
 
 @pytest.fixture
 def loras_dir(tmp_path, monkeypatch):
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "loras", [tmp_path])
+    use_model_dirs(monkeypatch, {"loras": [tmp_path]})
     return tmp_path
 
 
 @pytest.mark.parametrize("kind", ["peft", "peft_prefixed", "peft_transformer", "kohya"])
 def test_every_layout_merges_the_hand_computed_update(models, loras_dir, kind):
-    dit = models.dit.model
+    dit = models.dit.model.diffusion_model
     pairs = factors(dit)
     save_file(layout(pairs, kind), str(loras_dir / f"{kind}.safetensors"))
     before = {name: p.detach().clone() for name, p in dit.named_parameters()}
     (patched,) = node("AAALoraLoader")(models.dit, f"{kind}.safetensors", STRENGTH)
-    weights = dict(patched.model.named_parameters())
+    weights = {name: p.detach().clone() for name, p in load_patched(patched).named_parameters()}
+    load_patched(models.dit)  # loading the unpatched MODEL takes the LoRA's patches off again
     for name, param in before.items():
         expected = param
         module = name[: -len(".weight")]

@@ -10,7 +10,9 @@ on tiny models. Latents come back through the built-in SaveLatent node and are c
   a DiT file holding W + strength * scale * B @ A merged by hand, in KSampler and in AAA Sampler;
 - LoraLoaderModelOnly with a LoRA file as the trainer saves it samples exactly like the checkpoint
   ``python -m training.export`` merges from it;
-- every sampler and scheduler name ComfyUI lists runs 2 steps and gives finite latents.
+- every sampler and scheduler name ComfyUI lists runs 2 steps and gives finite latents;
+- conditioning from another text encoder (``comfyui_test_nodes.py`` makes it as ComfyUI's Anima
+  encoder does) is a one-line error in every native sampler and in AAA Sampler.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from api_workflows import HEIGHT, STEPS, TINY_FILES, WIDTH, load_workflow
 from comfyui_harness import comfyui_test_marks, execute, execute_each_choice, run_in_comfyui
+from comfyui_test_nodes import ANIMA_KEYS
 from pack_import import pack_module
 from tiny_models import TINY_DIT, save_tiny_models
 
@@ -221,6 +224,47 @@ def shift_override() -> dict:
     return prompt
 
 
+def foreign_conditioning(sampler: str, shape: str, keys: str = ANIMA_KEYS) -> dict:
+    """``sampler`` on our MODEL with a positive prompt from another text encoder (shape and keys as given)."""
+    prompt = base_prompt()
+    sockets = links(prompt)
+    prompt["foreign"] = {"class_type": "AAATestForeignConditioning", "inputs": {"shape": shape, "keys": keys}}
+    sampled = {"sampler_name": "euler", "scheduler": "simple", "cfg": 4.0, "steps": STEPS}
+    if sampler == "KSampler":
+        prompt["s"] = {"class_type": "KSampler", "inputs": {**sockets, **sampled, "seed": 3, "denoise": 1.0}}
+    elif sampler == "KSamplerAdvanced":
+        prompt["s"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            **sockets, **sampled, "add_noise": "enable", "noise_seed": 3, "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    elif sampler == "AAASampler":
+        add_aaa_sampler(prompt, "s", sockets["model"])
+    else:
+        prompt["select"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        custom = {"sampler": ["select", 0], "sigmas": add_sigmas(prompt, "sigmas")}
+        if sampler == "SamplerCustom":
+            prompt["s"] = {"class_type": "SamplerCustom", "inputs": {**sockets, **custom, "add_noise": True, "noise_seed": 3, "cfg": 4.0}}
+        else:
+            prompt["noise"] = {"class_type": "AAAReferenceNoise", "inputs": {"noise_seed": 3}}
+            prompt["guider"] = {"class_type": "CFGGuider", "inputs": {k: sockets[k] for k in ("model", "positive", "negative")} | {"cfg": 4.0}}
+            prompt["s"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+                **custom, "noise": ["noise", 0], "guider": ["guider", 0], "latent_image": sockets["latent_image"]}}
+    (prompt["guider"] if sampler == "SamplerCustomAdvanced" else prompt["s"])["inputs"]["positive"] = ["foreign", 0]
+    save_latent(prompt, ["s", 0], f"foreign_{sampler}")
+    return prompt
+
+
+ANIMA = f"1,3,{TINY_DIT.text_dim}"  # a 3-word prompt, at the tiny DiT's width
+FOREIGN = {
+    # name: (prompt, what the one-line error says after "positive conditioning ")
+    **{f"anima_{sampler}": (foreign_conditioning(sampler, ANIMA), "has 3 tokens but AAADiT prompts have 128")
+       for sampler in ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced", "AAASampler")},
+    "anima_keys": (foreign_conditioning("KSampler", f"1,128,{TINY_DIT.text_dim}"), "carries attention_mask, t5xxl_ids, t5xxl_weights"),
+    "other_width": (foreign_conditioning("KSampler", "1,128,1024", ""), f"is 1024 wide but this AAADiT takes {TINY_DIT.text_dim}"),
+    "rank_2": (foreign_conditioning("KSamplerAdvanced", f"1,{TINY_DIT.text_dim}", ""), f"holds (1, {TINY_DIT.text_dim}), not a (batch, tokens, width)"),
+}
+# What a native CLIP for our encoder will give: AAA Text Encode's shape with CLIP Text Encode's pooled_output.
+OURS_WITH_POOLED = foreign_conditioning("KSampler", f"1,128,{TINY_DIT.text_dim}", "")
+
+
 def sweep_prompt() -> dict:
     prompt = base_prompt()
     save_latent(prompt, add_ksampler(prompt, "k", links(prompt)["model"]), "sweep")
@@ -238,6 +282,8 @@ PROMPTS = {
     "lora_trained": lora_prompt("aaa_lora_trained.safetensors", "aaa_tiny_merged_trained.safetensors", "trained", strength=1.0),
     "native_patch_nodes": native_patch_nodes(),
     "shift_override": shift_override(),
+    **{name: prompt for name, (prompt, _) in FOREIGN.items()},
+    "ours_with_pooled": OURS_WITH_POOLED,
 }
 ACTIONS = [execute(prompt) for prompt in PROMPTS.values()] + [
     execute_each_choice(sweep_prompt(), "k", "sampler_name"),
@@ -260,7 +306,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     save_merged_dit(paths["dit"], models / "unet" / "aaa_tiny_merged_peft.safetensors", factors, 1.0)  # no alpha: scale 1
     save_trained_lora(paths["dit"], loras / "aaa_lora_trained.safetensors", models / "unet" / "aaa_tiny_merged_trained.safetensors")
     return run_in_comfyui(
-        ROOT, ACTIONS, base / "work", model_paths={name: models / name for name in ("unet", "clip", "vae", "loras")}, timeout=400
+        ROOT, ACTIONS, base / "work", model_paths={name: models / name for name in ("unet", "clip", "vae", "loras")},
+        test_nodes=[Path(__file__).parent / "comfyui_test_nodes.py"], timeout=900,
     )
 
 
@@ -360,3 +407,22 @@ def test_model_sampling_sd3_at_our_shift_changes_nothing(run: dict) -> None:
         pytest.skip("the 2024 tree has no ModelSamplingSD3")
     assert outcome["status"] == "success", outcome["error"]
     torch.testing.assert_close(latents(run, outcome, "shifted"), latents(run, outcome, "plain"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_conditioning_from_another_text_encoder_is_one_line_in_every_sampler(run: dict, name: str) -> None:
+    outcome = action(run, name)
+    if run["comfyui_version"] is None and missing_node(outcome):
+        pytest.skip("the 2024 tree has no SamplerCustomAdvanced")
+    assert outcome["status"] == "error" and outcome["files"] == []
+    failure = dict(outcome["messages"])["execution_error"]
+    message = failure["exception_message"].strip()  # current ComfyUI appends one newline
+    assert "\n" not in message and failure["exception_type"].endswith("InputError")
+    assert message.startswith(f"positive conditioning {FOREIGN[name][1]}")
+    assert "encode the prompt with AAA Text Encode" in message
+
+
+def test_our_embedding_with_clip_text_encodes_pooled_output_samples(run: dict) -> None:
+    outcome = action(run, "ours_with_pooled")
+    assert outcome["status"] == "success", outcome["error"]
+    assert torch.isfinite(latents(run, outcome, "foreign_KSampler")).all()

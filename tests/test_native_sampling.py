@@ -1,4 +1,4 @@
-"""The native pieces without ComfyUI: the flow-matching model sampling, the network's calling
+"""The native pieces called directly: the flow-matching model sampling, the network's calling
 convention, and the reference noise and sigmas nodes, against ``aaa_core``'s own numbers.
 """
 
@@ -17,7 +17,7 @@ native_dit = pack_module("nodes.native_dit")
 core_sampling = pack_module("aaa_core.sampling")
 scheduler = pack_module("aaa_core.scheduler")
 
-pytestmark = pytest.mark.usefixtures("fallback_folders")
+pytestmark = pytest.mark.usefixtures("model_folders")
 
 
 def test_model_sampling_follows_the_flux2_curve_and_rectified_flow() -> None:
@@ -37,7 +37,7 @@ def test_model_sampling_follows_the_flux2_curve_and_rectified_flow() -> None:
 
 
 def test_network_takes_comfyuis_argument_order_and_rounds_the_timestep_like_the_reference(models) -> None:
-    dit = models.dit.model
+    dit = models.dit.model.diffusion_model
     latents, embeds = torch.randn(1, 128, 2, 3), torch.randn(1, 5, dit.config.text_dim)
     timestep = torch.tensor([123.456])
     expected = super(native_dit.ComfyAAADiT, dit).forward(latents, embeds, timestep.to(latents.dtype))

@@ -12,7 +12,7 @@ from aaa_core.sampling import make_noise, sample
 from node_helpers import embeds, errors, one_line_error
 from pack_import import NODES, node
 
-pytestmark = pytest.mark.usefixtures("fallback_folders")
+pytestmark = pytest.mark.usefixtures("model_folders")
 
 
 def test_node_widgets_offer_the_bounds_the_cli_enforces():
@@ -64,7 +64,7 @@ def test_sampler_wraps_seeds_past_the_last_exactly_as_the_core(models, prompts):
     noise = make_noise(SEED_MAX, 2, 1, 1)
     assert torch.equal(noise[1:], make_noise(0, 1, 1, 1))  # image 1 uses seed 0
     with torch.inference_mode():
-        expected = sample(load_dit(models.dit.path), noise, embeds(positive), embeds(negative), 2, 10.0)
+        expected = sample(load_dit(models.dit_path), noise, embeds(positive), embeds(negative), 2, 10.0)
     assert torch.equal(result["samples"], expected)
 
 

@@ -1,4 +1,4 @@
-"""The loader nodes and their model files, without ComfyUI: dropdowns, weight dtypes, the
+"""The loader nodes and their model files, in the ComfyUI imported in-process: dropdowns, weight dtypes, the
 first-run download (progress, Cancel, offline error) and one-line errors for wrong files.
 """
 
@@ -12,10 +12,15 @@ import time
 import pytest
 import torch
 
-from node_helpers import bridge, core_downloads, errors, one_line_error, record_progress
-from pack_import import NODES, PACK_NAME, node
+from node_helpers import bridge, core_downloads, errors, one_line_error, record_progress, use_model_dirs
+from pack_import import NODES, PACK_NAME, node, pack_module
 
-pytestmark = pytest.mark.usefixtures("fallback_folders")
+import comfy.model_base  # noqa: E402  (on sys.path once the pack is imported)
+import comfy.model_patcher  # noqa: E402
+
+native_model = pack_module("nodes.native_model")
+
+pytestmark = pytest.mark.usefixtures("model_folders")
 
 
 def test_dropdowns_list_the_folder_and_offer_the_official_file(models_root):
@@ -28,24 +33,30 @@ def test_dropdowns_list_the_folder_and_offer_the_official_file(models_root):
 
 def test_official_file_on_disk_is_listed_once(models_root, tmp_path, monkeypatch):
     (tmp_path / "flux2_vae.safetensors").write_bytes((models_root / "vae" / "flux2_tiny.safetensors").read_bytes())
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [tmp_path])
+    use_model_dirs(monkeypatch, {"vae": [tmp_path]})
     assert NODES["AAAVAELoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["flux2_vae.safetensors"]
     (vae,) = node("AAAVAELoader")("flux2_vae.safetensors", "auto")
     assert vae.path == tmp_path / "flux2_vae.safetensors"
 
 
-def test_loaders_return_managed_models_in_fp32_on_the_cpu(models):
-    assert models.dit.kind == "dit" and models.dit.compute_dtype == torch.float32
-    assert models.dit.model.config.text_dim == 32 and models.dit.path.name == "aaa_tiny.safetensors"
-    assert models.text_encoder.model.dtype == torch.float32
+def test_loaders_return_comfyui_models_in_fp32_on_the_cpu(models):
+    # The DiT is a native MODEL: a ModelPatcher around ComfyUI's BaseModel holding the AAADiT.
+    assert isinstance(models.dit, comfy.model_patcher.ModelPatcher) and isinstance(models.dit.model, comfy.model_base.BaseModel)
+    assert native_model.compute_dtype(models.dit) == torch.float32 and models.dit.model_dtype() == torch.float32
+    assert models.dit.model.diffusion_model.config.text_dim == 32
+    assert models.text_encoder.model.dtype == torch.float32 and models.text_encoder.path.name == "qwen3_tiny.safetensors"
     assert models.vae.model.latent_channels == 128 and models.vae.model.downscale_factor == 16
-    assert models.dit.patcher is None  # no ComfyUI: no ModelPatcher, plain torch placement
-    assert models.dit.load() is models.dit.model
+    # The text encoder and VAE are placed by ComfyUI's memory manager too.
+    assert isinstance(models.vae.patcher, comfy.model_patcher.ModelPatcher) and models.vae.patcher.model.inner is models.vae.model
+    assert native_model.load_patched(models.dit) is models.dit.model.diffusion_model
+    assert models.vae.load() is models.vae.model
 
 
 def test_weight_dtype_choice_is_applied_by_every_loader(models_root):
     (dit,) = node("AAADiTLoader")("aaa_tiny.safetensors", "bf16")
-    assert dit.weight_dtype == dit.compute_dtype == torch.bfloat16 and dit.model.dtype == torch.bfloat16
+    assert dit.model_dtype() == torch.bfloat16 and dit.model.diffusion_model.dtype == torch.bfloat16
+    # ComfyUI computes in its manual-cast dtype where the device lacks bf16 (comfy.ops casts per layer).
+    assert native_model.compute_dtype(dit) == bridge.dit_dtypes("bf16", dit.load_device)[1]
     (text_encoder,) = node("AAATextEncoderLoader")("qwen3_tiny.safetensors", "fp16")
     assert text_encoder.weight_dtype == torch.float16 and text_encoder.model.dtype == torch.float16
     (vae,) = node("AAAVAELoader")("flux2_tiny.safetensors", "bf16")
@@ -56,7 +67,7 @@ def test_weight_dtype_choice_is_applied_by_every_loader(models_root):
 
 def test_missing_official_file_is_downloaded_into_the_first_folder_with_byte_progress(models_root, tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "vae", [first, second])
+    use_model_dirs(monkeypatch, {"vae": [first, second]})
     weights = (models_root / "vae" / "flux2_tiny.safetensors").read_bytes()
     calls = []
 
@@ -77,7 +88,7 @@ def test_missing_official_file_is_downloaded_into_the_first_folder_with_byte_pro
 
 
 def test_download_stops_when_cancel_is_pressed(tmp_path, monkeypatch):
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [tmp_path])
+    use_model_dirs(monkeypatch, {"unet": [tmp_path]})
     stopped = threading.Event()
 
     def endless_download(source, target, progress):
@@ -108,7 +119,7 @@ def test_offline_download_error_names_the_file_the_folder_and_the_url(tmp_path, 
         raise ConnectionError("Failed to resolve 'modelscope.cn'")
 
     monkeypatch.setattr(snapshot_module, "snapshot_download", offline)
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [tmp_path])
+    use_model_dirs(monkeypatch, {"unet": [tmp_path]})
     assert NODES["AAADiTLoader"].INPUT_TYPES()["required"]["dit_name"][0] == ["aaa_dit_step-600000.safetensors"]
     with pytest.raises(errors.ModelFileError) as excinfo:
         node("AAADiTLoader")("aaa_dit_step-600000.safetensors", "auto")
@@ -121,7 +132,7 @@ def test_offline_download_error_names_the_file_the_folder_and_the_url(tmp_path, 
 
 
 def test_file_not_in_the_folder_names_the_folder_and_the_expected_file(tmp_path, monkeypatch):
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "clip", [tmp_path])
+    use_model_dirs(monkeypatch, {"clip": [tmp_path]})
     with pytest.raises(errors.ModelFileError) as excinfo:
         node("AAATextEncoderLoader")("someone_elses_te.safetensors", "auto")
     message = one_line_error(excinfo)
@@ -130,7 +141,7 @@ def test_file_not_in_the_folder_names_the_folder_and_the_expected_file(tmp_path,
 
 
 def test_vae_file_picked_in_the_dit_loader_says_what_it_is(models_root, monkeypatch):
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [models_root / "vae"])
+    use_model_dirs(monkeypatch, {"unet": [models_root / "vae"]})
     with pytest.raises(errors.ModelFileError) as excinfo:
         node("AAADiTLoader")("flux2_tiny.safetensors", "auto")
     message = one_line_error(excinfo)

@@ -74,13 +74,13 @@ def test_text_encoder_with_a_broken_config_is_caught_with_the_others(files, tmp_
     assert message == f"{paths['text_encoder'].parent / 'config.json'}: not a valid Qwen3 config.json (hidden_size must be a positive integer, got 0)"
 
 
-@pytest.mark.usefixtures("fallback_folders")
+@pytest.mark.usefixtures("model_folders")
 def test_sampler_node_refuses_a_dit_for_other_latents(models, prompts, tmp_path, monkeypatch):
-    from node_helpers import bridge, errors, one_line_error
+    from node_helpers import errors, one_line_error, use_model_dirs
     from pack_import import node
 
     save_tiny_dit(tmp_path / "latent64.safetensors", AAADiTConfig(dim=64, depth=2, num_heads=4, text_dim=TINY_DIT.text_dim, latent_channels=64))
-    monkeypatch.setitem(bridge.FALLBACK_MODEL_DIRS, "unet", [tmp_path])
+    use_model_dirs(monkeypatch, {"unet": [tmp_path]})
     (dit,) = node("AAADiTLoader")("latent64.safetensors", "auto")
     (latent,) = node("AAAEmptyLatentImage")(width=32, height=32, batch_size=1)
     with pytest.raises(errors.ModelFileError) as err:
