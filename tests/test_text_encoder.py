@@ -163,6 +163,15 @@ def test_tokenize_pads_right_to_128_with_endoftext(encoder):
         assert torch.equal(attention_mask[row], expected["attention_mask"][0])
 
 
+@pytest.mark.parametrize("prompt", ["", "a prompt that spells out <|endoftext|> itself"])
+def test_padding_equals_the_tokenizers_max_length_padding(encoder, prompt):
+    """Our padding (shared with the native CLIP) masks only the pads, not a pad token the prompt spells out."""
+    input_ids, attention_mask = encoder.tokenize([prompt])
+    expected = encoder.tokenizer(build_prompt(prompt), return_tensors="pt", padding="max_length", truncation=True, max_length=MAX_TOKENS)
+    assert torch.equal(input_ids, expected["input_ids"]) and torch.equal(attention_mask, expected["attention_mask"])
+    assert (input_ids[attention_mask.bool()] == PAD_TOKEN_ID).sum() == prompt.count("<|endoftext|>")
+
+
 def test_long_prompts_are_truncated_from_the_right(encoder):
     prompt = "a very long description of a pokemon " * 40
     full = encoder.tokenizer(build_prompt(prompt))["input_ids"]
