@@ -34,7 +34,7 @@ from aaa_core.errors import InputError, OutputError
 from aaa_core.sampling import LATENT_CHANNELS, latent_size
 from aaa_core.text_encoder import MAX_TOKENS, encoder_files, load_config
 
-from .data import PREPROCESS_VERSION
+from .pairs import PREPROCESS_VERSION
 
 log = logging.getLogger(__name__)
 

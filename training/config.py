@@ -23,7 +23,6 @@ from aaa_core.input_files import not_a_file_message, not_utf8_message, special_f
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
 from .buckets import parse_buckets
-from .dataset import LOADINGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,6 +40,7 @@ def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
 
 DATA, MODEL, OPTIM, RUN, SAVE, FEEDBACK = "data", "model", "optimisation", "run", "checkpoints", "feedback"
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
+LOADINGS = ("auto", "memory", "shards")  # how the loop reaches the encoded data (encoded_data.py)
 MAX_DATA_WORKERS = 64  # reader processes per training process; more only competes for the disk
 NUMPY_SEED_MAX = 2**32 - 1  # the trainer seeds numpy too, which takes no larger seed
 NOT_RECORDED = ("overwrite",)  # a one-time action: re-running a run's config.toml must not delete that run

@@ -66,15 +66,15 @@ from .checkpoints import (
     write_text_atomic,
 )
 from .config import TrainConfig, parse_config
-from .data import Skipped, find_samples, report_skipped
-from .dataset import Loading, load_training_data, plan_data
 from .distributed import check_setup, full_state_dict, sampling_model, shard_like
+from .encoded_data import Loading, load_training_data, plan_data
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
+from .pairs import Skipped, find_samples, report_skipped
 from .run_folder import claim_output_dir, folder_run_id
-from .samples import render_grid, write_prompt_list
+from .sample_grids import render_grid, write_prompt_list
 
 log = logging.getLogger("training")
 # The option that passes each model file (downloads.SOURCES keys), for the way out of a missing or bad download.
