@@ -1,8 +1,8 @@
-"""Prompt encoding: text -> CONDITIONING in ComfyUI's list format ``[[embeds (1, 128, 1024), {"pooled_output": None}]]``.
+"""Prompt encoding: text -> CONDITIONING in ComfyUI's list format ``[[embeds (1, 128, 1024), {"pooled_output": (1, 0)}]]``.
 
 AAA Text Encode and native CLIP Text Encode on AAA CLIP Loader's CLIP (``native_clip``) give the
-same list: float32 embeddings on ComfyUI's intermediate device, and the options CLIP Text Encode
-writes for an encoder without a pooled output.
+same list: float32 embeddings on ComfyUI's intermediate device, and the pooled output CLIP Text
+Encode always writes, empty here (``no_pooled_output``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 # Rough working memory of one Qwen3-0.6B forward over 128 tokens: hidden states, attention
 # and MLP activations with headroom. Tiny next to ComfyUI's 1 GB minimum inference reserve.
 TEXT_ENCODE_MEMORY = 64 * 1024 * 1024
-# The options of an AAADiT conditioning entry: what CLIP Text Encode writes when the encoder has no pooled output.
-PROMPT_OPTIONS = {"pooled_output": None}
 
 
 class AAATextEncode:
@@ -49,12 +47,22 @@ class AAATextEncode:
     def encode(self, text_encoder: bridge.ManagedModel, text: str):
         check_text("text", text)
         encoder = text_encoder.load(TEXT_ENCODE_MEMORY)
-        return ([[conditioning_tensor(encoder.encode([text])), dict(PROMPT_OPTIONS)]],)
+        embeds = conditioning_tensor(encoder.encode([text]))
+        return ([[embeds, {"pooled_output": no_pooled_output(embeds)}]],)
 
 
 def conditioning_tensor(embeds: torch.Tensor) -> torch.Tensor:
     """The text encoder's output as a CONDITIONING holds it: float32 on ComfyUI's intermediate device."""
     return embeds.to(device=bridge.intermediate_device(), dtype=torch.float32)
+
+
+def no_pooled_output(embeds: torch.Tensor) -> torch.Tensor:
+    """The pooled output of AAADiT conditioning: none, as an empty ``(B, 0)`` tensor.
+
+    Not None, which current ComfyUI's own LLM text encoders write: the 2024 tree's Conditioning
+    (Zero Out) calls ``zeros_like`` on it.
+    """
+    return embeds.new_zeros(embeds.shape[0], 0)
 
 
 def conditioning_embeds(conditioning, name: str, width: int) -> torch.Tensor:
@@ -73,7 +81,7 @@ def conditioning_embeds(conditioning, name: str, width: int) -> torch.Tensor:
         raise InputError(f"{name} conditioning holds {shape}, not a (batch, tokens, width) prompt embedding")
     check_embeds_width(embeds, name, width)
     options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-    extras = sorted(key for key, value in options.items() if key not in PROMPT_OPTIONS or value is not PROMPT_OPTIONS[key])
+    extras = sorted(set(options) - {"pooled_output"})  # CLIP Text Encode always writes one; AAADiT takes none
     if extras:
         log.warning("AAADiT ignores these %s conditioning options: %s", name, ", ".join(extras))
     return embeds

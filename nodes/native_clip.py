@@ -1,13 +1,13 @@
 """The Qwen3 text encoder as a native ComfyUI ``CLIP``: CLIP Text Encode on it gives AAA Text Encode's conditioning.
 
 ``comfy.sd.CLIP`` is built from a target (a tokenizer class, a model class and their parameters),
-the way ComfyUI builds its own text encoders. Ours adapt ``aaa_core.text_encoder`` to the two calls
+the way ComfyUI builds its own text encoders (``docs/comfyui.md`` section 4). Ours adapt ``aaa_core.text_encoder`` to the two calls
 CLIP makes, so the prompt follows the reference recipe exactly (``docs/diffsynth-aaa.md`` section 7):
 - ``tokenize_with_weights``: the chat-templated prompt's token ids, cut at 128 tokens. The text is
   taken literally, as the reference does: no ``(word:1.2)`` weights, no ``embedding:`` names.
 - ``encode_token_weights``: those ids padded to 128 with ``<|endoftext|>``, the last hidden state
-  at all 128 positions, and no pooled output, so CLIP Text Encode writes the same CONDITIONING as
-  AAA Text Encode (``conditioning``).
+  at all 128 positions, and an empty pooled output, so CLIP Text Encode writes the same
+  CONDITIONING as AAA Text Encode (``conditioning``).
 The weights are the ones the loader read (its ``weight_dtype``); CLIP's ModelPatcher has ComfyUI's
 memory manager move them to the GPU for each encode.
 """
@@ -25,7 +25,7 @@ import torch
 from ..aaa_core.errors import InputError
 from ..aaa_core.limits import check_text
 from . import comfy_bridge as bridge
-from .conditioning import TEXT_ENCODE_MEMORY, conditioning_tensor
+from .conditioning import TEXT_ENCODE_MEMORY, conditioning_tensor, no_pooled_output
 from .loaders import AAATextEncoderLoader, load_qwen3
 
 if TYPE_CHECKING:  # importing it imports transformers, which the pack does only when a node runs
@@ -81,8 +81,8 @@ class Qwen3CondStage(torch.nn.Module):
         """Working memory of one encode besides the weights (0.10 asks before loading)."""
         return TEXT_ENCODE_MEMORY
 
-    def encode_token_weights(self, tokens: dict) -> tuple[torch.Tensor, None]:
-        """(embeddings (1, 128, hidden) in float32 on the intermediate device, no pooled output)."""
+    def encode_token_weights(self, tokens: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings (1, 128, hidden) in float32 on the intermediate device, the empty pooled output)."""
         if self.layer not in (None, -1):
             raise InputError(
                 f"CLIP Set Last Layer {self.layer}: AAADiT was trained on the last hidden state; "
@@ -95,7 +95,8 @@ class Qwen3CondStage(torch.nn.Module):
                 f"the tokens ({found}) are not one prompt from AAA CLIP Loader's tokenizer; "
                 "encode the prompt with CLIP Text Encode on that CLIP"
             )
-        return conditioning_tensor(self.encoder.encode_token_ids([[pair[0] for pair in sections[0]]])), None
+        embeds = conditioning_tensor(self.encoder.encode_token_ids([[pair[0] for pair in sections[0]]]))
+        return embeds, no_pooled_output(embeds)
 
 
 def native_clip(encoder: Qwen3TextEncoder) -> Any:

@@ -296,7 +296,8 @@ def _execute(comfy: SimpleNamespace, server: _Server, hook: _ProgressHook, actio
 
 
 def _capture(executor: Any, node_id: str, folder: Path) -> dict[str, Any]:
-    """Writes the CONDITIONING a node output first: its tensors to ``folder/<node_id>.safetensors``, its options as JSON values.
+    """Writes the CONDITIONING a node output first: its tensors to ``folder/<node_id>.safetensors``, its options as JSON
+    (a tensor there as its repr).
 
     The executor still holds the prompt's outputs: 2024 in ``outputs``, current ComfyUI in its output cache.
     """

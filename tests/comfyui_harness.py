@@ -94,7 +94,7 @@ def execute(prompt: dict, interrupt_after_progress: int | None = None, capture: 
 
 
 def read_captured(outcome: dict, node_id: str) -> list[tuple[Any, dict]]:
-    """The CONDITIONING node `node_id` output in an executed action: [(tensor, options)], options as JSON gives them."""
+    """The CONDITIONING node `node_id` output in an executed action: [(tensor, options)], a tensor in options as its repr."""
     from safetensors.torch import load_file  # test side only
 
     captured = outcome["captured"][node_id]
