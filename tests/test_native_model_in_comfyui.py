@@ -116,7 +116,7 @@ def base_prompt(batch_size: int = 1) -> dict:
 
 def links(prompt: dict) -> dict:
     """Sockets of the base prompt: model, positive, negative, latent."""
-    encodes = [node_id for node_id, entry in prompt.items() if entry["class_type"] == "AAATextEncode"]
+    encodes = [node_id for node_id, entry in prompt.items() if entry["class_type"] == "CLIPTextEncode"]
     positive, negative = sorted(encodes, key=lambda n: prompt[n]["inputs"]["text"] == " ")
     return {"model": [node_id_of(prompt, "AAADiTLoader"), 0], "positive": [positive, 0], "negative": [negative, 0], "latent_image": [node_id_of(prompt, "AAAEmptyLatentImage"), 0]}
 
