@@ -33,11 +33,11 @@ from .checkpoint import (
     read_header,
 )
 from .errors import InputError, ModelFileError, short_reason
+from .geometry import TEXT_TOKENS
 from .qwen3_config import build_empty_model, read_config, read_json_file
 
 logger = logging.getLogger(__name__)
 
-MAX_TOKENS = 128  # section 7: padding="max_length", truncation=True, max_length=128
 PAD_TOKEN = "<|endoftext|>"
 PAD_TOKEN_ID = 151643
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "qwen3_0.6b"
@@ -156,7 +156,7 @@ class Qwen3TextEncoder:
     def token_ids(self, prompt: str) -> list[int]:
         """The templated prompt's token ids, cut at 128 from the right (a long prompt loses the template
         tail, as in the reference), before padding."""
-        return self.tokenizer(build_prompt(prompt, self.tokenizer), truncation=True, max_length=MAX_TOKENS)["input_ids"]
+        return self.tokenizer(build_prompt(prompt, self.tokenizer), truncation=True, max_length=TEXT_TOKENS)["input_ids"]
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``input_ids`` and ``attention_mask``, both ``(B, 128)`` int64 on the CPU."""
@@ -195,11 +195,11 @@ def pad_token_ids(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tenso
     What the reference's ``padding="max_length"`` does (section 7); the mask is 0 on the pads only,
     so a prompt that spells out ``<|endoftext|>`` itself keeps it attended.
     """
-    too_long = [len(ids) for ids in token_ids if len(ids) > MAX_TOKENS]
+    too_long = [len(ids) for ids in token_ids if len(ids) > TEXT_TOKENS]
     if too_long:
-        raise InputError(f"a prompt has {too_long[0]} tokens; AAADiT's text encoder takes at most {MAX_TOKENS}")
-    input_ids = torch.full((len(token_ids), MAX_TOKENS), PAD_TOKEN_ID, dtype=torch.long)
-    attention_mask = torch.zeros((len(token_ids), MAX_TOKENS), dtype=torch.long)
+        raise InputError(f"a prompt has {too_long[0]} tokens; AAADiT's text encoder takes at most {TEXT_TOKENS}")
+    input_ids = torch.full((len(token_ids), TEXT_TOKENS), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_ids), TEXT_TOKENS), dtype=torch.long)
     for row, ids in enumerate(token_ids):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
