@@ -1,8 +1,9 @@
 """The Qwen3 text encoder as a native ComfyUI ``CLIP``: CLIP Text Encode on it gives AAA Text Encode's conditioning.
 
 ``comfy.sd.CLIP`` is built from a target (a tokenizer class, a model class and their parameters),
-the way ComfyUI builds its own text encoders (``docs/comfyui.md`` section 4). Ours adapt ``aaa_core.text_encoder`` to the two calls
-CLIP makes, so the prompt follows the reference recipe exactly (``docs/diffsynth-aaa.md`` section 7):
+the way ComfyUI builds its own text encoders (``docs/comfyui.md`` section 4). Ours adapt
+``aaa_core.text_encoder`` to the two calls CLIP makes, so the prompt follows the reference recipe
+exactly (``docs/diffsynth-aaa.md`` section 7):
 - ``tokenize_with_weights``: the chat-templated prompt's token ids, cut at 128 tokens. The text is
   taken literally, as the reference does: no ``(word:1.2)`` weights, no ``embedding:`` names.
 - ``encode_token_weights``: those ids padded to 128 with ``<|endoftext|>``, the last hidden state
