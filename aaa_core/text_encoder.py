@@ -154,36 +154,57 @@ class Qwen3TextEncoder:
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    def token_ids(self, prompt: str) -> list[int]:
+        """The templated prompt's token ids, cut at 128 from the right (a long prompt loses the template
+        tail, as in the reference), before padding."""
+        return self.tokenizer(build_prompt(prompt, self.tokenizer), truncation=True, max_length=TEXT_TOKENS)["input_ids"]
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``input_ids`` and ``attention_mask``, both ``(B, 128)`` int64 on the CPU."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise InputError("prompts must be a non-empty list of strings")
-        texts = [build_prompt(prompt, self.tokenizer) for prompt in prompts]
-        batch = self.tokenizer(
-            texts,
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,  # from the right: a long prompt loses the template tail, as in the reference
-            max_length=TEXT_TOKENS,
-        )
-        return batch["input_ids"], batch["attention_mask"]
+        return pad_token_ids([self.token_ids(prompt) for prompt in prompts])
 
     @torch.no_grad()
-    def encode(self, prompts: "str | list[str]") -> torch.Tensor:
-        """``(B, 128, hidden)`` embeddings in the model's dtype, on the model's device.
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, 128, hidden)`` embeddings of padded token ids, in the model's dtype, on the model's device.
 
         This is ``hidden_states[-1]`` of the reference, which equals ``last_hidden_state``
         (after the final norm). Pad positions are kept: the DiT attends to them unmasked.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        input_ids, attention_mask = self.tokenize(prompts)
         output = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             use_cache=False,
         )
         return output.last_hidden_state
+
+    def encode_token_ids(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """``(B, 128, hidden)`` embeddings of :meth:`token_ids` lists: padded, then encoded."""
+        return self.encode_tokens(*pad_token_ids(token_ids))
+
+    def encode(self, prompts: "str | list[str]") -> torch.Tensor:
+        """``(B, 128, hidden)`` embeddings of prompts (see :meth:`encode_tokens`)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.encode_tokens(*self.tokenize(prompts))
+
+
+def pad_token_ids(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``(B, 128)``: each row padded on the right with ``<|endoftext|>``.
+
+    What the reference's ``padding="max_length"`` does (section 7); the mask is 0 on the pads only,
+    so a prompt that spells out ``<|endoftext|>`` itself keeps it attended.
+    """
+    too_long = [len(ids) for ids in token_ids if len(ids) > TEXT_TOKENS]
+    if too_long:
+        raise InputError(f"a prompt has {too_long[0]} tokens; AAADiT's text encoder takes at most {TEXT_TOKENS}")
+    input_ids = torch.full((len(token_ids), TEXT_TOKENS), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_ids), TEXT_TOKENS), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
 
 
 # --------------------------------------------------------------------------------------

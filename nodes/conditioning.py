@@ -1,4 +1,9 @@
-"""Prompt encoding: text -> CONDITIONING in ComfyUI's list format ``[[embeds (1, 128, 1024), {}]]``."""
+"""Prompt encoding: text -> CONDITIONING in ComfyUI's list format ``[[embeds (1, 128, 1024), {"pooled_output": (1, 0)}]]``.
+
+AAA Text Encode and native CLIP Text Encode on AAA CLIP Loader's CLIP (``native_clip``) give the
+same list: float32 embeddings on ComfyUI's intermediate device, and the pooled output CLIP Text
+Encode always writes, empty here (``no_pooled_output``).
+"""
 
 from __future__ import annotations
 
@@ -43,8 +48,22 @@ class AAATextEncode:
     def encode(self, text_encoder: bridge.ManagedModel, text: str):
         check_text("text", text)
         encoder = text_encoder.load(TEXT_ENCODE_MEMORY)
-        embeds = encoder.encode([text])
-        return ([[embeds.to(device=bridge.intermediate_device(), dtype=torch.float32), {}]],)
+        embeds = conditioning_tensor(encoder.encode([text]))
+        return ([[embeds, {"pooled_output": no_pooled_output(embeds)}]],)
+
+
+def conditioning_tensor(embeds: torch.Tensor) -> torch.Tensor:
+    """The text encoder's output as a CONDITIONING holds it: float32 on ComfyUI's intermediate device."""
+    return embeds.to(device=bridge.intermediate_device(), dtype=torch.float32)
+
+
+def no_pooled_output(embeds: torch.Tensor) -> torch.Tensor:
+    """The pooled output of AAADiT conditioning: none, as an empty ``(B, 0)`` tensor.
+
+    Not None, which current ComfyUI's own LLM text encoders write: the 2024 tree's Conditioning
+    (Zero Out) calls ``zeros_like`` on it.
+    """
+    return embeds.new_zeros(embeds.shape[0], 0)
 
 
 # Keys ComfyUI's text encoders put beside their embedding (comfy/sd1_clip.py, comfy/text_encoders/):
@@ -53,7 +72,7 @@ class AAATextEncode:
 ENCODER_KEYS = ("attention_mask", "t5xxl_ids", "t5xxl_weights", "conditioning_llama3", "conditioning_byt5small", "conditioning_lyrics")
 # Added by every native CLIP Text Encode (None for most encoders); AAADiT has no pooled input.
 POOLED_KEY = "pooled_output"
-FIX = "encode the prompt with AAA Text Encode (the Qwen3 text encoder from AAA Text Encoder Loader)"
+FIX = "encode the prompt with CLIP Text Encode on AAA CLIP Loader's CLIP, or with AAA Text Encode"
 
 
 def conditioning_embeds(conditioning, name: str, width: int) -> torch.Tensor:

@@ -3,11 +3,15 @@
 The DiT loader outputs a native MODEL (``native_model``), for KSampler and the other native
 sampling and model-patch nodes as well as AAA Sampler. The text encoder and VAE have their own
 socket types (AAA_TEXT_ENCODER, AAA_VAE) so they cannot be wired into native nodes that expect a
-CLIP or VAE. Weights are read onto the offload device; ComfyUI's memory manager moves them to the
-GPU when a node needs them.
+CLIP or VAE; AAA CLIP Loader (``native_clip``) gives the text encoder as a native CLIP. Weights
+are read onto the offload device; ComfyUI's memory manager moves them to the GPU when a node
+needs them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..aaa_core import downloads
 from ..aaa_core.dit import load_dit
@@ -16,6 +20,9 @@ from . import comfy_bridge as bridge
 from . import model_files
 from .native_dit import ComfyAAADiT
 from .native_model import native_model
+
+if TYPE_CHECKING:  # importing it imports transformers, which the pack does only when a node runs
+    from ..aaa_core.text_encoder import Qwen3TextEncoder
 
 
 def _file_tooltip(kind: str) -> str:
@@ -80,14 +87,19 @@ class AAATextEncoderLoader:
         }
 
     def load(self, text_encoder_name: str, weight_dtype: str):
-        from ..aaa_core.text_encoder import load_text_encoder  # imports transformers: only when a node runs
+        encoder, path = load_qwen3(text_encoder_name, weight_dtype)
+        return (bridge.ManagedModel(encoder, encoder.model, bridge.TEXT_ENCODER, encoder.dtype, encoder.dtype, path),)
 
-        load_device, offload_device = bridge.model_devices(bridge.TEXT_ENCODER)
-        dtype = bridge.text_encoder_dtype(weight_dtype, load_device)
-        with model_files.naming_widget("text_encoder_name", text_encoder_name):
-            path = model_files.resolve("text_encoder", text_encoder_name)
-            encoder = load_text_encoder(path, dtype=dtype, device=offload_device)
-        return (bridge.ManagedModel(encoder, encoder.model, bridge.TEXT_ENCODER, dtype, dtype, path),)
+
+def load_qwen3(text_encoder_name: str, weight_dtype: str) -> tuple[Qwen3TextEncoder, Path]:
+    """The Qwen3TextEncoder a text encoder loader's widgets choose, on the offload device, and its file."""
+    from ..aaa_core.text_encoder import load_text_encoder  # imports transformers: only when a node runs
+
+    load_device, offload_device = bridge.model_devices(bridge.TEXT_ENCODER)
+    dtype = bridge.text_encoder_dtype(weight_dtype, load_device)
+    with model_files.naming_widget("text_encoder_name", text_encoder_name):
+        path = model_files.resolve("text_encoder", text_encoder_name)
+        return load_text_encoder(path, dtype=dtype, device=offload_device), path
 
 
 class AAAVAELoader:

@@ -267,7 +267,8 @@ def _execute(comfy: SimpleNamespace, server: _Server, hook: _ProgressHook, actio
     files_before = _files_under(output_dir)
     hook.reset(action.get("interrupt_after_progress"))
     server.last_prompt_id = prompt_id
-    executor.execute(prompt, prompt_id, {"client_id": "comfyui-harness"}, validation["outputs"])
+    captured = [node_id for node_id in action.get("capture", []) if node_id not in validation["outputs"]]
+    executor.execute(prompt, prompt_id, {"client_id": "comfyui-harness"}, validation["outputs"] + captured)
 
     events = dict(executor.status_messages)
     if "execution_interrupted" in events:
@@ -290,7 +291,30 @@ def _execute(comfy: SimpleNamespace, server: _Server, hook: _ProgressHook, actio
         "files": sorted(_files_under(output_dir) - files_before),
         "progress": hook.updates,
         "messages": executor.status_messages,
+        "captured": {node_id: _capture(executor, node_id, output_dir.parent / "captured") for node_id in action.get("capture", [])},
     }
+
+
+def _capture(executor: Any, node_id: str, folder: Path) -> dict[str, Any]:
+    """Writes the CONDITIONING a node output first: its tensors to ``folder/<node_id>.safetensors``, its options as JSON
+    (a tensor there as its repr).
+
+    The executor still holds the prompt's outputs: 2024 in ``outputs``, current ComfyUI in its output cache.
+    """
+    from safetensors.torch import save_file
+
+    if hasattr(executor, "caches"):
+        entry = executor.caches.outputs.get(node_id)
+        outputs = entry.outputs if entry is not None else None
+    else:
+        outputs = executor.outputs.get(node_id)
+    if outputs is None:
+        return {"file": None, "options": []}
+    conditioning = outputs[0][0]  # first output, first list item
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{node_id}.safetensors"
+    save_file({str(index): tensor.contiguous() for index, (tensor, _) in enumerate(conditioning)}, str(path))
+    return {"file": str(path), "options": [json.loads(json.dumps(options, default=repr)) for _, options in conditioning]}
 
 
 def _templates(root: Path, action: dict, work_dir: Path) -> dict[str, Any]:

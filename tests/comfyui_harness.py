@@ -83,13 +83,24 @@ def validate(prompt: dict) -> dict:
     return {"kind": "validate", "prompt": prompt}
 
 
-def execute(prompt: dict, interrupt_after_progress: int | None = None) -> dict:
+def execute(prompt: dict, interrupt_after_progress: int | None = None, capture: list[str] = ()) -> dict:
     """An action: validate, then run the prompt's valid outputs with `execution.PromptExecutor`.
 
     With `interrupt_after_progress=N` the harness requests an interrupt (what the UI's Cancel
-    button does) right after the N-th progress update any ProgressBar reports.
+    button does) right after the N-th progress update any ProgressBar reports. The nodes in
+    `capture` run too, as outputs do, and the CONDITIONING each output comes back in the result's
+    `captured` (see `read_captured`); the prompt still needs one output node to validate.
     """
-    return {"kind": "execute", "prompt": prompt, "interrupt_after_progress": interrupt_after_progress}
+    return {"kind": "execute", "prompt": prompt, "interrupt_after_progress": interrupt_after_progress, "capture": list(capture)}
+
+
+def read_captured(outcome: dict, node_id: str) -> list[tuple[Any, dict]]:
+    """The CONDITIONING node `node_id` output in an executed action: [(tensor, options)], a tensor in options as its repr."""
+    from safetensors.torch import load_file  # test side only
+
+    captured = outcome["captured"][node_id]
+    tensors = load_file(captured["file"])
+    return [(tensors[str(index)], options) for index, options in enumerate(captured["options"])]
 
 
 def templates(pack_dir: str | Path, folder_name: str, files: list[str]) -> dict:
@@ -138,7 +149,8 @@ def run_in_comfyui(
         validate: {valid, error, node_errors, outputs} as returned by `validate_prompt`;
         execute:  {status: "success"|"error"|"interrupted", error, validation, outputs (the UI
                    outputs /history shows, by node id), files (new files under output_dir,
-                   relative), progress [{value, total, preview}], messages [[event, data]]};
+                   relative), progress [{value, total, preview}], messages [[event, data]],
+                   captured {node id: {file, options}}};
         templates: see `templates`;
         execute_each_choice: {choices, runs: [execute outcome for each choice, in order]}.
     Raises HarnessError if the subprocess crashes or runs longer than `timeout` seconds.

@@ -20,7 +20,7 @@ import comfy.sample  # noqa: E402  (on sys.path once the pack is imported)
 
 pytestmark = pytest.mark.usefixtures("model_folders")
 
-FIX = "encode the prompt with AAA Text Encode"
+FIX = "encode the prompt with CLIP Text Encode on AAA CLIP Loader's CLIP"
 WIDTH = 32  # the tiny DiT's text_dim
 
 

@@ -119,7 +119,7 @@ def base_prompt(batch_size: int = 1) -> dict:
 
 def links(prompt: dict) -> dict:
     """Sockets of the base prompt: model, positive, negative, latent."""
-    encodes = [node_id for node_id, entry in prompt.items() if entry["class_type"] == "AAATextEncode"]
+    encodes = [node_id for node_id, entry in prompt.items() if entry["class_type"] == "CLIPTextEncode"]
     positive, negative = sorted(encodes, key=lambda n: prompt[n]["inputs"]["text"] == " ")
     return {"model": [node_id_of(prompt, "AAADiTLoader"), 0], "positive": [positive, 0], "negative": [negative, 0], "latent_image": [node_id_of(prompt, "AAAEmptyLatentImage"), 0]}
 
@@ -419,7 +419,7 @@ def test_conditioning_from_another_text_encoder_is_one_line_in_every_sampler(run
     message = failure["exception_message"].strip()  # current ComfyUI appends one newline
     assert "\n" not in message and failure["exception_type"].endswith("InputError")
     assert message.startswith(f"positive conditioning {FOREIGN[name][1]}")
-    assert "encode the prompt with AAA Text Encode" in message
+    assert "encode the prompt with CLIP Text Encode on AAA CLIP Loader's CLIP" in message
 
 
 def test_our_embedding_with_clip_text_encodes_pooled_output_samples(run: dict) -> None:

@@ -44,9 +44,11 @@ def test_node_metadata_ids_tooltips_descriptions_categories():
         for name, spec in inputs["required"].items():
             assert len(spec) == 2 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         json.dumps(inputs)  # /object_info serialises it
-    # The DiT is a native MODEL; the text encoder and VAE travel in our own socket types, so they
-    # cannot be wired into native nodes that expect a CLIP or VAE.
+    # The DiT is a native MODEL and the text encoder a native CLIP too; AAA Text Encoder Loader and
+    # the VAE travel in our own socket types, so they cannot be wired into native nodes that expect
+    # a CLIP or VAE.
     assert NODES["AAADiTLoader"].RETURN_TYPES == ("MODEL",)
+    assert NODES["AAACLIPLoader"].RETURN_TYPES == ("CLIP",)
     assert NODES["AAATextEncoderLoader"].RETURN_TYPES == ("AAA_TEXT_ENCODER",)
     assert NODES["AAAVAELoader"].RETURN_TYPES == ("AAA_VAE",)
     assert NODES["AAASampler"].INPUT_TYPES()["required"]["model"][0] == "MODEL"
@@ -77,7 +79,7 @@ spec = importlib.util.spec_from_file_location("aaa_pack", {str(ROOT / "__init__.
 pack = importlib.util.module_from_spec(spec)
 sys.modules["aaa_pack"] = pack
 spec.loader.exec_module(pack)
-assert len(pack.NODE_CLASS_MAPPINGS) == 11
+assert len(pack.NODE_CLASS_MAPPINGS) == 12
 assert modules == [], modules
 # Nothing heavy beyond what ComfyUI itself has loaded.
 heavy = [name for name in set(sys.modules) - before if name.split(".")[0] in ("transformers", "modelscope", "diffusers", "comfy")]
@@ -95,9 +97,10 @@ print("ok")
 
 def test_text_encode_gives_comfyui_conditioning(models, prompts):
     positive, _ = prompts
-    assert isinstance(positive, list) and len(positive) == 1 and positive[0][1] == {}
+    assert isinstance(positive, list) and len(positive) == 1 and set(positive[0][1]) == {"pooled_output"}
     tensor = embeds(positive)
     assert tensor.shape == (1, 128, 32) and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+    assert positive[0][1]["pooled_output"].shape == (1, 0)  # none, yet Conditioning (Zero Out) works on it
     expected = models.text_encoder.model.encode(["a green lizard pokemon with a plant bulb on its back"])
     assert torch.equal(tensor, expected)
 

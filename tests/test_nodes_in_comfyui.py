@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = comfyui_test_marks()
 
 EXPECTED_NODES = {
-    "AAADiTLoader", "AAATextEncoderLoader", "AAAVAELoader", "AAATextEncode",
+    "AAADiTLoader", "AAATextEncoderLoader", "AAACLIPLoader", "AAAVAELoader", "AAATextEncode",
     "AAAEmptyLatentImage", "AAASampler", "AAAVAEDecode", "AAAVAEEncode", "AAAReferenceNoise", "AAAFlux2Sigmas", "AAALoraLoader",
 }
 WRONG_DIT = "flux2_vae_copy.safetensors"  # the tiny VAE, put in the unet folder by mistake

