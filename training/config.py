@@ -24,6 +24,7 @@ from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
 from .buckets import parse_buckets
 from .dataset import LOADINGS
+from .lr_schedule import DECAYS, WARMUPS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -103,8 +104,12 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "AdamW beta2 (PyTorch default, as the reference)", OPTIM)
     adam_eps: float = option(1e-8, "AdamW epsilon (PyTorch default, as the reference)", OPTIM)
     warmup: str = option("constant", "LR warm-up shape: 'constant' runs lr/3 for warmup_steps (the reference's ConstantLR), "
-                         "'linear' ramps from lr/warmup_steps up to lr", OPTIM, choices=["constant", "linear"])
+                         "'linear' ramps from lr/warmup_steps up to lr", OPTIM, choices=list(WARMUPS))
     warmup_steps: int = option(5, "optimizer steps of warm-up (reference: 5)", OPTIM)
+    lr_schedule: str = option("constant", "learning rate after the warm-up: 'constant' (the reference), or 'cosine' / 'linear' "
+                              "decay to min_lr at the last step (max_steps, or max_epochs converted to steps)", OPTIM,
+                              choices=list(DECAYS))
+    min_lr: float = option(0.0, "the learning rate the cosine and linear schedules end at", OPTIM)
     max_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0 = off, as the reference", OPTIM)
     ema_decay: float = option(0.999, "EMA of the weights (used for samples and the saved .safetensors); 0 = off. "
                               "Warm-up: decay min(ema_decay, (1+t)/(10+t)) at step t", OPTIM)
@@ -170,6 +175,9 @@ class TrainConfig:
             (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads} "
              f"(--model {self.model} gives the sizes not set explicitly)"),
             (self.lr >= 0, f"lr {self.lr} must not be negative (0 freezes the weights)"),
+            (self.warmup in WARMUPS and self.lr_schedule in DECAYS,
+             f"warmup {self.warmup!r} / lr_schedule {self.lr_schedule!r}: use {' or '.join(WARMUPS)} / {', '.join(DECAYS)}"),
+            (0 <= self.min_lr <= self.lr, f"min_lr {self.min_lr} must be between 0 and lr {self.lr}"),
             (self.adam_eps > 0, f"adam_eps {self.adam_eps} must be greater than 0"),
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
              f"adam_beta1 {self.adam_beta1} and adam_beta2 {self.adam_beta2} must be in [0, 1)"),

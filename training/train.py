@@ -71,6 +71,7 @@ from .dataset import Loading, load_training_data, plan_data
 from .distributed import check_setup, full_state_dict, sampling_model, shard_like
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
+from .lr_schedule import LrSchedule
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
 from .run_folder import claim_output_dir, folder_run_id
@@ -178,13 +179,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
             weight_decay=cfg.weight_decay, fused=use_cuda,
         )
 
-        def lr_factor(step: int) -> float:
-            if step >= cfg.warmup_steps:
-                return 1.0
-            return 1 / 3 if cfg.warmup == "constant" else (step + 1) / cfg.warmup_steps  # constant: ConstantLR's default 1/3
-
+        samples_per_step = cfg.batch_size * cfg.grad_accum * world
+        total_steps = _total_steps(cfg, len(data), samples_per_step)
+        lr_schedule = LrSchedule(cfg.lr, cfg.warmup, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr, total_steps)
+        log.info("%s", lr_schedule.describe())
         # Stepped once per optimizer step by us (not passed to accelerate, which would step it once per process).
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        # A lambda, which the scheduler's state leaves out: the rate comes from the step alone.
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_schedule.factor(step))
         if cfg.compile:
             for block in model.blocks:
                 block.compile()
@@ -207,8 +208,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
         schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
         order = BatchOrder(data.bucket_ids, cfg.batch_size, rank, world, cfg.seed, data.bucket_ids.device)
-        samples_per_step = cfg.batch_size * cfg.grad_accum * world
-        total_steps = _total_steps(cfg, len(data), samples_per_step)
         batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
         image_tokens = (cfg.resolution // 16) ** 2  # every bucket holds about as many
         flops_per_sample = training_flops_per_sample(unwrapped, image_tokens, text_tokens, frozen=lora is not None)
