@@ -9,8 +9,11 @@ import math
 import pytest
 import torch
 
+import training.train
 from aaa_core.checkpoint import read_safetensors
+from aaa_core.text_encoder import load_text_encoder
 from test_training import dataset, models, run, run_interrupted  # noqa: F401  (fixtures)
+from training.caption_dropout import CaptionDropout
 from training.lr_schedule import LrSchedule
 from training.state_files import load_tree
 
@@ -55,3 +58,33 @@ def test_decaying_schedules_resume_bit_for_bit(models, dataset, tmp_path, monkey
     expected = LrSchedule(1e-3, "constant", 2, schedule, 1e-4, 6).factor(6) * 1e-3  # the rate after the last step
     assert load_tree(full.state / "lr_scheduler.safetensors")["_last_lr"] == [pytest.approx(expected, rel=1e-12)]
     assert math.isclose(expected, 1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# Caption dropout
+# --------------------------------------------------------------------------------------
+
+
+def test_caption_dropout_replaces_a_deterministic_share_of_rows_by_the_empty_prompt():
+    text, empty = torch.randn(400, 3, 2), torch.full((3, 2), 7.0)
+    dropout = CaptionDropout(0.25, empty, seed=5, rank=0)
+    out = dropout(text, micro_step=11)
+    dropped = (out == empty).flatten(1).all(1)
+    assert torch.equal(out[~dropped], text[~dropped])  # the others are untouched
+    assert 70 < dropped.sum() < 130  # about a quarter of 400
+    assert torch.equal(dropout(text, 11), out)  # a pure function of (seed, micro-step, rank)
+    assert not torch.equal(dropout(text, 12), out) and not torch.equal(CaptionDropout(0.25, empty, 5, 1)(text, 11), out)
+    assert torch.equal(CaptionDropout(0.0, None, 5, 0)(text, 11), text)
+    assert (CaptionDropout(1.0, empty, 5, 0)(text, 11) == empty).all()
+
+
+def test_caption_dropout_trains_on_the_negative_prompt_and_resumes_bit_for_bit(models, dataset, tmp_path, monkeypatch):
+    seen = []
+    real_loss = training.train.flow_matching_loss
+    monkeypatch.setattr(training.train, "flow_matching_loss", lambda *a, **k: seen.append(a[2]) or real_loss(*a, **k))
+    full, _ = assert_resume_is_bit_exact(models, dataset, tmp_path, monkeypatch, "--caption-dropout", 0.5)
+    encoder = load_text_encoder(models["text_encoder"], dtype=torch.float32)
+    negative = encoder.encode([" "])[0]
+    rows = torch.cat(seen[:6]).float()  # the uninterrupted run's batches
+    dropped = torch.isclose(rows, negative, atol=2e-2).flatten(1).all(1)
+    assert 0 < dropped.sum() < len(rows)

@@ -110,6 +110,9 @@ class TrainConfig:
                               "decay to min_lr at the last step (max_steps, or max_epochs converted to steps)", OPTIM,
                               choices=list(DECAYS))
     min_lr: float = option(0.0, "the learning rate the cosine and linear schedules end at", OPTIM)
+    caption_dropout: float = option(0.0, "share of the samples that train on the negative prompt instead of their caption, "
+                                    "so classifier-free guidance has an unconditional model to contrast with (0: none, as "
+                                    "the reference; about 0.1 is usual for new models trained from scratch)", OPTIM)
     max_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0 = off, as the reference", OPTIM)
     ema_decay: float = option(0.999, "EMA of the weights (used for samples and the saved .safetensors); 0 = off. "
                               "Warm-up: decay min(ema_decay, (1+t)/(10+t)) at step t", OPTIM)
@@ -177,6 +180,7 @@ class TrainConfig:
             (self.lr >= 0, f"lr {self.lr} must not be negative (0 freezes the weights)"),
             (self.warmup in WARMUPS and self.lr_schedule in DECAYS,
              f"warmup {self.warmup!r} / lr_schedule {self.lr_schedule!r}: use {' or '.join(WARMUPS)} / {', '.join(DECAYS)}"),
+            (0 <= self.caption_dropout <= 1, f"caption_dropout {self.caption_dropout} must be between 0 and 1"),
             (0 <= self.min_lr <= self.lr, f"min_lr {self.min_lr} must be between 0 and lr {self.lr}"),
             (self.adam_eps > 0, f"adam_eps {self.adam_eps} must be greater than 0"),
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,

@@ -60,6 +60,7 @@ from aaa_core.vae import load_vae
 
 from .batches import BatchOrder
 from .buckets import parse_buckets, wide_and_tall
+from .caption_dropout import CaptionDropout
 from .cache import CacheStats, EncodingCache, cache_dir_for, encoder_dtype_for
 from .checkpoints import (
     SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
@@ -131,8 +132,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
         buckets = parse_buckets(cfg.buckets, cfg.resolution)
-        # The sample prompts are cached too: sampling never loads Qwen3.
-        plan = plan_data(samples, prompts + [cfg.negative_prompt] if cfg.sample_every else [], cache, buckets, is_main, barrier)
+        # The sample prompts are cached too (sampling never loads Qwen3), and the negative one for caption dropout.
+        extra_prompts = (prompts if cfg.sample_every else []) + ([cfg.negative_prompt] if cfg.sample_every or cfg.caption_dropout else [])
+        plan = plan_data(samples, extra_prompts, cache, buckets, is_main, barrier)
         loading = Loading(cfg.data_loading, device, cfg.cache_on_device, cfg.data_workers, cfg.encode_batch_size,
                           rank, world, barrier, stop)
         data, unreadable = load_training_data(plan, cache, vae_path, text_encoder_path, loading)
@@ -208,6 +210,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
         schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
         order = BatchOrder(data.bucket_ids, cfg.batch_size, rank, world, cfg.seed, data.bucket_ids.device)
+        drop_captions = CaptionDropout(cfg.caption_dropout, data.extra_prompts.get(cfg.negative_prompt), cfg.seed, rank)
         batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
         image_tokens = (cfg.resolution // 16) ** 2  # every bucket holds about as many
         flops_per_sample = training_flops_per_sample(unwrapped, image_tokens, text_tokens, frozen=lora is not None)
@@ -256,7 +259,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     micro_step = step * cfg.grad_accum + micro
                     latents, text = next(batches)
                     latents = latents.to(device, compute_dtype, non_blocking=True)
-                    text = text.to(device, non_blocking=True)
+                    text = drop_captions(text.to(device, non_blocking=True), micro_step)
                     indices, noise = draw_noise(latents, len(schedule.sigmas), step_generator(cfg.seed, micro_step, rank, device))
                     no_sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with no_sync:
