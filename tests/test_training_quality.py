@@ -11,11 +11,14 @@ import torch
 
 import training.train
 from aaa_core.checkpoint import read_safetensors
+from aaa_core.errors import InputError
 from aaa_core.text_encoder import load_text_encoder
 from test_training import dataset, models, run, run_interrupted  # noqa: F401  (fixtures)
 from training.caption_dropout import CaptionDropout
+from training.data import Sample
 from training.lr_schedule import LrSchedule
 from training.state_files import load_tree
+from training.validation import TIMESTEP_GROUPS, hold_out
 
 
 def assert_resume_is_bit_exact(models, dataset, tmp_path, monkeypatch, *options):
@@ -88,3 +91,36 @@ def test_caption_dropout_trains_on_the_negative_prompt_and_resumes_bit_for_bit(m
     rows = torch.cat(seen[:6]).float()  # the uninterrupted run's batches
     dropped = torch.isclose(rows, negative, atol=2e-2).flatten(1).all(1)
     assert 0 < dropped.sum() < len(rows)
+
+
+# --------------------------------------------------------------------------------------
+# Held-out validation
+# --------------------------------------------------------------------------------------
+
+
+def test_held_out_images_are_chosen_by_name_and_stay_the_same_when_images_are_added(tmp_path):
+    samples = [Sample(tmp_path / f"img{i}.png", f"caption {i}") for i in range(40)]
+    train, held, _ = hold_out(samples, 0.25, "")
+    assert len(held) == 10 and len(train) == 30 and not {s.image for s in held} & {s.image for s in train}
+    more = samples + [Sample(tmp_path / f"new{i}.png", "new") for i in range(40)]
+    _, held_more, _ = hold_out(more, 10, "")  # a count: the same ten wherever the new names fall
+    assert {s.image for s in held_more if s.image.name.startswith("img")} < {s.image for s in held}
+    assert hold_out(list(reversed(samples)), 0.25, "")[1] == list(reversed(held))  # the list order does not matter
+    with pytest.raises(InputError, match="validation_split 40 holds out 40 of the 40 images"):
+        hold_out(samples, 40, "")
+
+
+def test_validation_loss_is_the_same_on_a_repeat_and_after_resume(models, dataset, tmp_path, monkeypatch):
+    options = ["--validation-split", 2, "--validate-every", 3]
+    full, resumed = assert_resume_is_bit_exact(models, dataset, tmp_path, monkeypatch, *options)
+    repeat = run(models, dataset, tmp_path / "repeat", "--max-steps", 6, "--batch-size", 2, "--ema-decay", 0.9,
+                 "--warmup-steps", 2, *options, cache=tmp_path / "cache")
+    assert [step for step, _ in full.validation] == [3, 6] and resumed.validation[-1][0] == 6
+    assert full.validation == repeat.validation  # equal numbers, not close ones
+    assert resumed.validation[-1] == full.validation[-1]
+    scalars = full.validation[-1][1]
+    assert set(scalars) >= {"val/raw/loss", "val/ema/loss"} and len(scalars) == 2 * (1 + TIMESTEP_GROUPS)
+    assert scalars["val/raw/loss"] != scalars["val/ema/loss"]  # the EMA really was evaluated, and put back (resume is exact)
+    log = (tmp_path / "full" / "train.log").read_text()
+    assert "held-out images | ema " in log and "data: 6 samples" in log  # 8 usable pairs less the 2 held out
+    assert full.validation[0][1]["val/raw/loss"] > 0

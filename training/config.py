@@ -141,6 +141,13 @@ class TrainConfig:
     # --- feedback -------------------------------------------------------------------------
     log_every: int = option(10, "log loss, lr, steps/s, images/s and MFU every this many steps", FEEDBACK)
     tensorboard: bool = option(True, "write TensorBoard logs to OUTPUT_DIR/tensorboard", FEEDBACK)
+    validation_split: float = option(0.0, "hold out this share (below 1) or number (1 or more) of the training images, chosen "
+                                     "by file name so every run holds out the same ones, to compute the validation loss on "
+                                     "(0: none)", FEEDBACK)
+    validation_data: str = option("", "held-out images for the validation loss, in any --data layout (instead of "
+                                  "--validation-split; a training image with the same content is left out of training)", FEEDBACK)
+    validate_every: int = option(500, "compute the validation loss every this many steps and at the end (0 = never): the "
+                                 "mean flow-matching loss at 8 fixed timesteps with fixed noise, for the raw and EMA weights", FEEDBACK)
     sample_every: int = option(500, "render the validation prompts every this many steps and at the end (0 = never)", FEEDBACK)
     validation_prompts: list = option([], "prompts rendered in the sample grids (default: the first num_validation_prompts captions)",
                                       FEEDBACK, nargs="*", metavar="PROMPT")
@@ -180,6 +187,9 @@ class TrainConfig:
             (self.lr >= 0, f"lr {self.lr} must not be negative (0 freezes the weights)"),
             (self.warmup in WARMUPS and self.lr_schedule in DECAYS,
              f"warmup {self.warmup!r} / lr_schedule {self.lr_schedule!r}: use {' or '.join(WARMUPS)} / {', '.join(DECAYS)}"),
+            (self.validation_split >= 0 and (self.validation_split < 1 or self.validation_split.is_integer()),
+             f"validation_split {self.validation_split:g}: use a share below 1 or a whole number of images"),
+            (not (self.validation_split and self.validation_data), "pass --validation-split or --validation-data, not both"),
             (0 <= self.caption_dropout <= 1, f"caption_dropout {self.caption_dropout} must be between 0 and 1"),
             (0 <= self.min_lr <= self.lr, f"min_lr {self.min_lr} must be between 0 and lr {self.lr}"),
             (self.adam_eps > 0, f"adam_eps {self.adam_eps} must be greater than 0"),
@@ -190,7 +200,8 @@ class TrainConfig:
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
             (self.data_loading in LOADINGS, f"data_loading {self.data_loading!r}: use one of {', '.join(LOADINGS)}"),
             (0 <= self.data_workers <= MAX_DATA_WORKERS, f"data_workers {self.data_workers} must be between 0 and {MAX_DATA_WORKERS}"),
-            (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
+            (min(self.save_every, self.sample_every, self.validate_every, self.warmup_steps) >= 0,
+             "save_every, sample_every, validate_every and warmup_steps must not be negative"),
             (self.sample_every == 0 or self.validation_prompts or self.num_validation_prompts >= 1,
              f"num_validation_prompts {self.num_validation_prompts} must be at least 1 when samples are drawn (or set sample_every 0)"),
         ]

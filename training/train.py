@@ -73,6 +73,7 @@ from .distributed import check_setup, full_state_dict, sampling_model, shard_lik
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .lr_schedule import LrSchedule
+from .validation import Validation, hold_out, run_validation, without_held_out_images
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
 from .run_folder import claim_output_dir, folder_run_id
@@ -93,6 +94,7 @@ class TrainSummary:
     cache: CacheStats
     skipped: list[Skipped]
     stopped: bool
+    validation: list[tuple[int, dict[str, float]]]  # (step, TensorBoard's val/... scalars)
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
@@ -123,6 +125,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     try:
         # ------------------------------------------------------------ data
         samples, skipped = find_samples(cfg.data)
+        samples, held_out, skipped_held_out = hold_out(samples, cfg.validation_split, cfg.validation_data)
+        skipped += skipped_held_out
         with accelerator.main_process_first():  # one download and one model-file hash, then the others reuse them
             wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
             if cfg.init_from:
@@ -135,12 +139,18 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # The sample prompts are cached too (sampling never loads Qwen3), and the negative one for caption dropout.
         extra_prompts = (prompts if cfg.sample_every else []) + ([cfg.negative_prompt] if cfg.sample_every or cfg.caption_dropout else [])
         plan = plan_data(samples, extra_prompts, cache, buckets, is_main, barrier)
+        held_out_plan = plan_data(held_out, [], cache, buckets, is_main, barrier) if held_out and cfg.validate_every else None
+        plan = without_held_out_images(plan, held_out_plan) if held_out_plan else plan
         loading = Loading(cfg.data_loading, device, cfg.cache_on_device, cfg.data_workers, cfg.encode_batch_size,
                           rank, world, barrier, stop)
         data, unreadable = load_training_data(plan, cache, vae_path, text_encoder_path, loading)
+        if held_out_plan:  # small: always held in memory
+            held_out_data, unreadable_held_out = load_training_data(held_out_plan, cache, vae_path, text_encoder_path,
+                                                                    dataclasses.replace(loading, mode="memory"))
+            unreadable += unreadable_held_out
         skipped += unreadable
         if is_main:
-            report_skipped(skipped, len(samples) + len(skipped) - len(unreadable))
+            report_skipped(skipped, len(samples) + len(held_out) + len(skipped) - len(unreadable))
         text_tokens, text_dim = data.text_shape
         log.info("data: %d samples (%s), prompts %dx%d, %s", len(data), data.bucket_counts(), text_tokens, text_dim, data.describe())
 
@@ -210,6 +220,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
         schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
         order = BatchOrder(data.bucket_ids, cfg.batch_size, rank, world, cfg.seed, data.bucket_ids.device)
+        validation = held_out_plan and Validation(held_out_data, cfg.batch_size, rank, world, schedule,
+                                                  cfg.reference_timesteps, compute_dtype, device)
         drop_captions = CaptionDropout(cfg.caption_dropout, data.extra_prompts.get(cfg.negative_prompt), cfg.seed, rank)
         batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
         image_tokens = (cfg.resolution // 16) ** 2  # every bucket holds about as many
@@ -247,6 +259,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                  step, total_steps, samples_per_step, cfg.batch_size, cfg.grad_accum, world,
                  total_steps * samples_per_step / len(data))
         losses: list[tuple[int, float]] = []
+        validation_losses: list[tuple[int, dict[str, float]]] = []
         checkpoint = state_dir = None
         last_saved = step if state is not None else -1
         loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -319,6 +332,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     barrier()
                     window_start, window_steps = time.perf_counter(), 0
 
+                if validation and (step % cfg.validate_every == 0 or step == total_steps) and not stopping:
+                    validation_losses.append((step, run_validation(validation, step, model, trained, ema, accelerator.reduce)))
+                    tensorboard.scalars(validation_losses[-1][1], step)
+                    window_start, window_steps = time.perf_counter(), 0
+
                 if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopping:
                     checkpoint, state_dir = save(step)
                     last_saved = step
@@ -339,7 +357,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             where = "loras/ and apply it with LoraLoaderModelOnly" if lora else "diffusion_models/ and pick it in the AAADiT loader"
             log.info("done: %s (copy it to ComfyUI/models/%s)", checkpoint, where)
         accelerator.end_training()
-        return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped)
+        return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped, validation_losses)
     finally:
         stop.restore()
         stop_logging_to_file(log_file)
