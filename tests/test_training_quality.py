@@ -4,6 +4,8 @@ Each feature resumes bit for bit (interrupt with a real Ctrl-C, ``--resume``, co
 uninterrupted run), on the tiny models and data set of ``test_training.py``.
 """
 
+import functools
+import logging
 import math
 
 import pytest
@@ -17,6 +19,7 @@ from test_training import dataset, models, run, run_interrupted  # noqa: F401  (
 from training.caption_dropout import CaptionDropout
 from training.data import Sample
 from training.lr_schedule import LrSchedule
+from training.progress import Heartbeat, Progress
 from training.state_files import load_tree
 from training.validation import TIMESTEP_GROUPS, hold_out
 
@@ -124,3 +127,55 @@ def test_validation_loss_is_the_same_on_a_repeat_and_after_resume(models, datase
     log = (tmp_path / "full" / "train.log").read_text()
     assert "held-out images | ema " in log and "data: 6 samples" in log  # 8 usable pairs less the 2 held out
     assert full.validation[0][1]["val/raw/loss"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Each reading is ``step`` seconds after the previous one."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_heartbeat_logs_after_the_first_step_then_whenever_quiet_for_log_seconds():
+    clock = FakeClock(0.0)
+    beat = Heartbeat(30, first_step=100, total_steps=1100, clock=clock)
+    assert beat.due()  # the first step is owed a line
+    clock.now = 50.0
+    assert beat.line(101, 0.5) == "step 101/1100 | 0.02 steps/s | ETA 13h52m | loss 0.5000 (this process, since the last line)"
+    clock.now = 79.0
+    assert not beat.due()
+    clock.now = 80.0
+    assert beat.due()
+    beat.logged()  # a regular line counts too
+    assert not beat.due()
+
+
+def test_a_run_at_the_default_log_settings_says_where_it_is_within_30_seconds_of_its_first_step(
+        models, dataset, tmp_path, monkeypatch, caplog):
+    clock = FakeClock(12.0)  # every reading 12 s later: each step looks slow
+    monkeypatch.setattr(training.train, "Heartbeat", functools.partial(Heartbeat, clock=clock))
+    caplog.set_level(logging.INFO, logger="training")
+    run(models, dataset, tmp_path / "run", "--log-every", 10, "--max-steps", 6)  # log_seconds stays at its default 30
+    lines = [r.getMessage() for r in caplog.records if "| ETA " in r.getMessage()]
+    assert lines[0].startswith("step 1/6 |")  # right after the first step, though log_every is 10
+    assert len(lines) >= 2 and all(line.split("/")[0] != "step 6" for line in lines)  # and again after 30 s; 6 is a regular line
+
+
+def test_long_passes_write_plain_lines_when_not_in_a_terminal(caplog):
+    caplog.set_level(logging.INFO, logger="training")
+    with Progress(10, "encoding images", "img", seconds=30, clock=FakeClock(10.0)) as bar:  # pytest's stderr is no terminal
+        for _ in range(10):
+            bar.update()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "encoding images: 10 img to do" and messages[-1].startswith("encoding images: 10 img in ")
+    assert "encoding images: 3/10 img | ETA 1m10s" in messages
+    assert len(messages) == 5  # start, at 3, 6 and 9 done (every 30 s), end

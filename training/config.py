@@ -140,6 +140,8 @@ class TrainConfig:
 
     # --- feedback -------------------------------------------------------------------------
     log_every: int = option(10, "log loss, lr, steps/s, images/s and MFU every this many steps", FEEDBACK)
+    log_seconds: float = option(30.0, "also write a plain progress line (step, rate, ETA, loss) whenever nothing was "
+                                "logged for this many seconds, and after the first step, whatever log_every says", FEEDBACK)
     tensorboard: bool = option(True, "write TensorBoard logs to OUTPUT_DIR/tensorboard", FEEDBACK)
     validation_split: float = option(0.0, "hold out this share (below 1) or number (1 or more) of the training images, chosen "
                                      "by file name so every run holds out the same ones, to compute the validation loss on "
@@ -197,6 +199,7 @@ class TrainConfig:
              f"adam_beta1 {self.adam_beta1} and adam_beta2 {self.adam_beta2} must be in [0, 1)"),
             (min(self.weight_decay, self.max_grad_norm, self.peak_flops) >= 0,
              "weight_decay, max_grad_norm and peak_flops must not be negative"),
+            (self.log_seconds > 0, f"log_seconds {self.log_seconds} must be greater than 0"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
             (self.data_loading in LOADINGS, f"data_loading {self.data_loading!r}: use one of {', '.join(LOADINGS)}"),
             (0 <= self.data_workers <= MAX_DATA_WORKERS, f"data_workers {self.data_workers} must be between 0 and {MAX_DATA_WORKERS}"),

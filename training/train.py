@@ -73,6 +73,7 @@ from .distributed import check_setup, full_state_dict, sampling_model, shard_lik
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .lr_schedule import LrSchedule
+from .progress import Heartbeat
 from .validation import Validation, hold_out, run_validation, without_held_out_images
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
@@ -237,6 +238,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, lora is not None, extra_sizes)
 
         def save(step: int) -> tuple[Path | None, Path]:
+            log.info("step %d: saving the weights and the training state", step)
             checkpoint = None
             weights, kind = (ema, "ema") if ema is not None else (trained, "raw")
             full_weights = full_state_dict(weights, keep=is_main)  # gathered from every process under FSDP
@@ -265,6 +267,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         loss_sum, loss_count = torch.zeros((), device=device), 0
         window_start, window_steps = time.perf_counter(), 0
         stopped = False
+        heartbeat = Heartbeat(cfg.log_seconds, step, total_steps)
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=None if is_main else True, dynamic_ncols=True)
         with bar, logging_redirect_tqdm(), contextlib.closing(batches):  # closing ends the data workers
             while step < total_steps:
@@ -313,6 +316,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     loss_sum.zero_()
                     loss_count = 0
                     window_start, window_steps = time.perf_counter(), 0
+                    heartbeat.logged()
+                elif is_main and heartbeat.due():  # a long step or a large log_every: never silent for long
+                    log.info("%s", heartbeat.line(step, (loss_sum / loss_count).item()))
 
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps) and not stopping:
                     sampled = sampling_model(ema if ema is not None else trained, unwrapped.config, keep=is_main)

@@ -35,7 +35,9 @@ from aaa_core.scheduler import TrainingSchedule
 
 from .data import Sample, Skipped, find_samples
 from .dataset import DataPlan, InMemoryData
+from .distributed import reshard_after_forward
 from .loss import flow_matching_loss
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class Validation:
 
     def __init__(self, data: InMemoryData, batch_size: int, rank: int, world_size: int, schedule: TrainingSchedule,
                  reference_timesteps: bool, compute_dtype: torch.dtype, device: torch.device):
-        self.num_samples = len(data)
+        self.num_samples, self.is_main = len(data), rank == 0
         self.schedule, self.reference_timesteps = schedule, reference_timesteps
         self.compute_dtype, self.device = compute_dtype, device
         grid = len(schedule.sigmas)
@@ -117,16 +119,23 @@ class Validation:
     def losses(self, model: torch.nn.Module, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Mean loss over the whole held-out set at each of the fixed timesteps, ``(VALIDATION_TIMESTEPS,)``."""
         sums = torch.zeros(VALIDATION_TIMESTEPS + 1, device=self.device)  # the last entry counts the samples
-        for batch in self.batches:
-            latents = batch.latents.to(self.device, self.compute_dtype)
-            text, weight, noise = batch.text.to(self.device), batch.weight.to(self.device), self._noise(batch)
-            for k, index in enumerate(self.indices):
-                indices = torch.full((len(latents),), index, device=self.device)
-                loss = flow_matching_loss(model, latents, text, indices, noise, self.schedule, self.reference_timesteps)
-                sums[k] += (loss * weight).sum()
-            sums[-1] += weight.sum()
+        with Progress(len(self.batches) * len(self.indices), "validation", "batch", enabled=self.is_main) as bar:
+            for batch in self.batches:
+                self._add_losses(model, batch, sums, bar)
+        reshard_after_forward(model)
         sums = reduce_sum(sums)
         return sums[:-1] / sums[-1]
+
+    def _add_losses(self, model: torch.nn.Module, batch: _Batch, sums: torch.Tensor, bar: Progress) -> None:
+        """Adds the batch's weighted losses at each timestep to ``sums[:-1]`` and its sample count to ``sums[-1]``."""
+        latents = batch.latents.to(self.device, self.compute_dtype)
+        text, weight, noise = batch.text.to(self.device), batch.weight.to(self.device), self._noise(batch)
+        for k, index in enumerate(self.indices):
+            indices = torch.full((len(latents),), index, device=self.device)
+            loss = flow_matching_loss(model, latents, text, indices, noise, self.schedule, self.reference_timesteps)
+            sums[k] += (loss * weight).sum()
+            bar.update()
+        sums[-1] += weight.sum()
 
     def evaluate(self, model: torch.nn.Module, trained: torch.nn.Module, ema: torch.nn.Module | None,
                  reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
