@@ -15,7 +15,8 @@ import training.train
 from aaa_core.checkpoint import read_safetensors
 from aaa_core.errors import InputError
 from aaa_core.text_encoder import load_text_encoder
-from test_training import dataset, models, run, run_interrupted  # noqa: F401  (fixtures)
+from test_training import REPO, dataset, models, run, run_interrupted  # noqa: F401  (fixtures)
+from training.config import parse_config
 from training.caption_dropout import CaptionDropout
 from training.data import Sample
 from training.lr_schedule import LrSchedule
@@ -172,10 +173,18 @@ def test_a_run_at_the_default_log_settings_says_where_it_is_within_30_seconds_of
 
 def test_long_passes_write_plain_lines_when_not_in_a_terminal(caplog):
     caplog.set_level(logging.INFO, logger="training")
-    with Progress(10, "encoding images", "img", seconds=30, clock=FakeClock(10.0)) as bar:  # pytest's stderr is no terminal
+    with Progress(10, "encoding images", "images", seconds=30, clock=FakeClock(10.0)) as bar:  # pytest's stderr is no terminal
         for _ in range(10):
             bar.update()
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[0] == "encoding images: 10 img to do" and messages[-1].startswith("encoding images: 10 img in ")
-    assert "encoding images: 3/10 img | ETA 1m10s" in messages
+    assert messages[0] == "encoding images: 10 images to do" and messages[-1].startswith("encoding images: 10 images in ")
+    assert "encoding images: 3/10 images | ETA 1m10s" in messages
     assert len(messages) == 5  # start, at 3, 6 and 9 done (every 30 s), end
+
+
+def test_the_quick_recipe_is_small_and_watches_itself_while_the_reference_recipe_stays_the_reference():
+    quick = parse_config(["--config", str(REPO / "training" / "configs" / "quick.toml")])
+    assert (quick.dim, quick.resolution, quick.batch_size) == (512, 128, 8)  # AAA-S
+    assert quick.validation_split and quick.validate_every and quick.sample_every and quick.caption_dropout == 0.1
+    pokemon = parse_config(["--config", str(REPO / "training" / "configs" / "pokemon.toml")])
+    assert (pokemon.caption_dropout, pokemon.lr_schedule, pokemon.validation_split) == (0.0, "constant", 0.0)

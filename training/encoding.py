@@ -117,7 +117,7 @@ def _encode_images(entries: list[LatentEntry], cache, vae_path, device, batch_si
     for _, same_size in groupby(sorted(entries, key=lambda entry: entry.size), key=lambda entry: entry.size):
         same_size = list(same_size)
         batches += [same_size[start : start + batch_size] for start in range(0, len(same_size), batch_size)]
-    with Progress(len(entries), "encoding images", "img", enabled=main) as bar:
+    with Progress(len(entries), "encoding images", "images", enabled=main) as bar:
         for batch in batches:
             if should_stop():
                 raise KeyboardInterrupt(STOPPED_WHILE_ENCODING)
@@ -150,7 +150,7 @@ def _encode_prompts(prompts: list[tuple[str, str]], cache, text_encoder_path, de
         return
     encoder = load_text_encoder(text_encoder_path, dtype=cache.dtype, device=device)
     stats.text_encoder_loaded = True
-    with Progress(len(prompts), "encoding prompts", "prompt", enabled=main) as bar:
+    with Progress(len(prompts), "encoding prompts", "prompts", enabled=main) as bar:
         for start in range(0, len(prompts), batch_size):
             if should_stop():
                 raise KeyboardInterrupt(STOPPED_WHILE_ENCODING)

@@ -66,7 +66,7 @@ def render_grid(
     stack = contextlib.ExitStack()
     try:
         rendered = []
-        bar = stack.enter_context(Progress(len(batches) * steps, "sample grid", "step"))
+        bar = stack.enter_context(Progress(len(batches) * steps, "sample grid", "steps"))
         for noise, embeds in batches:
             with autocast():
                 latents = sample(model, noise, embeds.to(device), negative[None].to(device), steps, cfg, callback=stop_check)

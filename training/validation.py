@@ -119,7 +119,7 @@ class Validation:
     def losses(self, model: torch.nn.Module, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Mean loss over the whole held-out set at each of the fixed timesteps, ``(VALIDATION_TIMESTEPS,)``."""
         sums = torch.zeros(VALIDATION_TIMESTEPS + 1, device=self.device)  # the last entry counts the samples
-        with Progress(len(self.batches) * len(self.indices), "validation", "batch", enabled=self.is_main) as bar:
+        with Progress(len(self.batches) * len(self.indices), "validation", "forward passes", enabled=self.is_main) as bar:
             for batch in self.batches:
                 self._add_losses(model, batch, sums, bar)
         reshard_after_forward(model)
