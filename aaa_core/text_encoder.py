@@ -33,11 +33,11 @@ from .checkpoint import (
     read_header,
 )
 from .errors import InputError, ModelFileError, short_reason
+from .geometry import TEXT_TOKENS
 from .qwen3_config import build_empty_model, read_config, read_json_file
 
 logger = logging.getLogger(__name__)
 
-MAX_TOKENS = 128  # section 7: padding="max_length", truncation=True, max_length=128
 PAD_TOKEN = "<|endoftext|>"
 PAD_TOKEN_ID = 151643
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "qwen3_0.6b"
@@ -163,7 +163,7 @@ class Qwen3TextEncoder:
             return_tensors="pt",
             padding="max_length",
             truncation=True,  # from the right: a long prompt loses the template tail, as in the reference
-            max_length=MAX_TOKENS,
+            max_length=TEXT_TOKENS,
         )
         return batch["input_ids"], batch["attention_mask"]
 

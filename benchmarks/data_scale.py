@@ -53,7 +53,7 @@ def write_pack(folder: Path, count: int) -> None:
 def in_memory(count: int):
     """An ``InMemoryData`` of ``count`` random samples."""
     from training.cache import CacheStats
-    from training.dataset import InMemoryData
+    from training.encoded_data import InMemoryData
 
     gen = torch.Generator().manual_seed(count)
     return InMemoryData(
@@ -76,7 +76,7 @@ def train(variant: str, count: int, folder: str, steps: int, batch_size: int, wo
     from aaa_core.scheduler import TrainingSchedule
     from training.batches import BatchOrder
     from training.cache import CacheStats
-    from training.dataset import PackedData
+    from training.encoded_data import PackedData
     from training.loss import draw_noise, flow_matching_loss, step_generator
     from training.shards import ShardReader, read_index
 

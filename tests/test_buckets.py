@@ -21,8 +21,8 @@ from tiny_models import save_tiny_dit, save_tiny_vae
 from training.batches import BatchOrder
 from training.buckets import Bucket, assign_bucket, image_size, parse_buckets, wide_and_tall
 from training.config import parse_config
-from training.data import load_image
-from training.samples import render_grid, tile, write_prompt_list
+from training.pairs import load_image
+from training.sample_grids import render_grid, tile, write_prompt_list
 
 
 def test_square_is_the_one_resolution_bucket():

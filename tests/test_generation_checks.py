@@ -12,7 +12,7 @@ from aaa_core.guards import is_out_of_memory, out_of_memory_as_error, require_fi
 from aaa_core.pipeline import decode_latents
 from aaa_core.vae import load_vae
 from tiny_models import save_tiny_dit, save_tiny_vae
-from training.samples import render_grid
+from training.sample_grids import render_grid
 
 NAN_AND_INF = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
 

@@ -17,7 +17,7 @@ from aaa_core.cli import main as cli_main
 from aaa_core.errors import InputError
 from tiny_models import save_tiny_models
 from training.config import parse_config
-from training.data import find_samples
+from training.pairs import find_samples
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
 

@@ -31,7 +31,7 @@ from tiny_models import TINY_DIT, save_tiny_dit, save_tiny_models
 from training.batches import BatchOrder
 from training.checkpoints import export_weights
 from training.config import TrainConfig, parse_config
-from training.data import find_samples
+from training.pairs import find_samples
 from training.loss import flow_matching_loss
 from training.state_files import load_tree
 from training.train import main, train

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import training.cache
-import training.dataset
+import training.encoded_data
 import training.encoding
 from aaa_core.checkpoint import read_safetensors
 from aaa_core.dit import load_dit
@@ -29,7 +29,7 @@ from training.train import main
 from tiny_models import save_tiny_models
 from training.buckets import assign_bucket, image_size, parse_buckets
 from training.cache import EncodingCache
-from training.dataset import plan_data
+from training.encoded_data import plan_data
 
 BUCKETS = "32x32,64x32,32x64"
 OPTIONS = ["--buckets", BUCKETS, "--max-steps", 8, "--batch-size", 3, "--grad-accum", 2, "--ema-decay", 0.9]
@@ -52,7 +52,7 @@ def same_weights(a, b) -> bool:
 
 
 def test_every_image_is_in_exactly_one_bucket_and_batches_keep_to_one(models, dataset, tmp_path):
-    from training.data import find_samples
+    from training.pairs import find_samples
 
     samples, _ = find_samples(dataset)
     buckets = parse_buckets(BUCKETS, 32)
@@ -115,7 +115,7 @@ def test_a_pack_is_reused_without_the_entries_or_the_encoders(models, tmp_path, 
 
 def test_auto_packs_the_data_when_memory_is_short(models, dataset, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(training.dataset, "_available_memory", lambda: 4 * 7 * 128 * 4 * 4)  # about the set's own size
+    monkeypatch.setattr(training.encoded_data, "_available_memory", lambda: 4 * 7 * 128 * 4 * 4)  # about the set's own size
     out = tmp_path / "run"
     run(models, dataset, out, "--max-steps", 1, "--data-workers", 0, "--buckets", BUCKETS, "--sample-every", 1, "--sample-steps", 2)
     assert "data: packed into shards on disk" in caplog.text
@@ -123,7 +123,7 @@ def test_auto_packs_the_data_when_memory_is_short(models, dataset, tmp_path, mon
     # The grid: 4 prompts at 32x32 (2x2), and under it prompt 0 at the widest (64x32) and tallest (32x64) bucket.
     assert Image.open(out / "samples" / "step-000001.png").size == (96, 128)
     assert "wide 64x32 (seed 0)" in (out / "samples" / "prompts.txt").read_text(encoding="utf-8")
-    monkeypatch.setattr(training.dataset, "_available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(training.encoded_data, "_available_memory", lambda: 1 << 40)
     run(models, dataset, tmp_path / "again", "--max-steps", 1)
     assert "data: held in memory" in caplog.text
 
@@ -140,7 +140,7 @@ def test_a_restart_neither_hashes_nor_opens_unchanged_images(models, tmp_path, m
         return watched
 
     monkeypatch.setattr(training.cache, "file_sha256", watch("hash", training.cache.file_sha256))
-    monkeypatch.setattr(training.dataset, "image_size", watch("size", training.dataset.image_size))
+    monkeypatch.setattr(training.encoded_data, "image_size", watch("size", training.encoded_data.image_size))
     options = ["--max-steps", 1, "--buckets", BUCKETS]
     run(models, data, tmp_path / "a", *options, cache=tmp_path / "cache")
     assert [name for name, _ in touched].count("hash") == 8 and [name for name, _ in touched].count("size") == 8

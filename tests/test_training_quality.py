@@ -18,7 +18,7 @@ from aaa_core.text_encoder import load_text_encoder
 from test_training import REPO, dataset, models, run, run_interrupted  # noqa: F401  (fixtures)
 from training.config import parse_config
 from training.caption_dropout import CaptionDropout
-from training.data import Sample
+from training.pairs import Sample
 from training.lr_schedule import LrSchedule
 from training.progress import Heartbeat, Progress
 from training.state_files import load_tree

@@ -31,10 +31,10 @@ from aaa_core.checkpoint import save_safetensors
 from aaa_core.devices import cpu_has_native_bf16
 from aaa_core.outputs import atomic_output, sweep_temp_files
 from aaa_core.errors import InputError, OutputError
-from aaa_core.sampling import LATENT_CHANNELS, latent_size
-from aaa_core.text_encoder import MAX_TOKENS, encoder_files, load_config
+from aaa_core.geometry import LATENT_CHANNELS, TEXT_TOKENS, latent_size
+from aaa_core.text_encoder import encoder_files, load_config
 
-from .data import PREPROCESS_VERSION
+from .pairs import PREPROCESS_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class EncodingCache:
         self.dtype = dtype
         self.shapes = {
             "latents": (LATENT_CHANNELS, *latent_size(resolution, resolution)),
-            "text": (MAX_TOKENS, load_config(files.weights.parent).hidden_size),
+            "text": (TEXT_TOKENS, load_config(files.weights.parent).hidden_size),
         }
 
     def model_sha256(self, path: Path) -> str:

@@ -21,7 +21,7 @@ from aaa_core.text_encoder import load_text_encoder
 from aaa_core.vae import load_vae
 
 from .cache import CacheStats, EncodingCache
-from .data import load_image
+from .pairs import load_image
 from .progress import Progress
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from aaa_core.errors import InputError
 from aaa_core.lora import LoraPair, kohya_stem, linear_weight_shapes, merge_lora, read_lora, to_kohya
 
 from .cache import file_sha256
-from .samples import side_by_side
+from .sample_grids import side_by_side
 from .state_files import DAMAGED
 
 log = logging.getLogger(__name__)

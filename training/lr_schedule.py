@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-WARMUPS = ("constant", "linear")
-DECAYS = ("constant", "cosine", "linear")
 CONSTANT_WARMUP_FACTOR = 1 / 3  # torch's ConstantLR default, which the reference uses
 
 
@@ -21,9 +19,9 @@ class LrSchedule:
     """``lr x factor(step)`` is the rate of optimizer step ``step`` (counted from 0)."""
 
     lr: float
-    warmup: str  # one of WARMUPS
+    warmup: str  # one of config.WARMUPS
     warmup_steps: int
-    decay: str  # one of DECAYS
+    decay: str  # one of config.DECAYS
     min_lr: float
     total_steps: int
 

@@ -34,6 +34,7 @@ import torch
 
 from aaa_core.checkpoint import save_safetensors
 from aaa_core.errors import InputError
+from aaa_core.geometry import DOWNSCALE
 from aaa_core.outputs import atomic_output
 
 INDEX_FILE = "index.json"
@@ -137,7 +138,7 @@ class ShardReader:
         self.index = index
         self.dtype = dtype
         expected = {
-            b: {"latents": (latent_channels, h // 16, w // 16), "text": tuple(text_shape), "crc32": (2,)}
+            b: {"latents": (latent_channels, h // DOWNSCALE, w // DOWNSCALE), "text": tuple(text_shape), "crc32": (2,)}
             for b, (w, h) in enumerate(index.buckets)
         }
         # Every header is read and checked once, up front: a damaged shard is named before training starts.

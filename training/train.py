@@ -54,7 +54,7 @@ from aaa_core import downloads
 from aaa_core.outputs import atomic_output
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
 from aaa_core.errors import AAAError, InputError, ways_out
-from aaa_core.sampling import LATENT_CHANNELS
+from aaa_core.geometry import LATENT_CHANNELS, image_tokens
 from aaa_core.scheduler import TrainingSchedule
 from aaa_core.vae import load_vae
 
@@ -67,9 +67,8 @@ from .checkpoints import (
     write_text_atomic,
 )
 from .config import TrainConfig, parse_config
-from .data import Skipped, find_samples, report_skipped
-from .dataset import Loading, load_training_data, plan_data
 from .distributed import check_setup, full_state_dict, sampling_model, shard_like
+from .encoded_data import Loading, load_training_data, plan_data
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .lr_schedule import LrSchedule
@@ -77,8 +76,9 @@ from .progress import Heartbeat
 from .validation import Validation, hold_out, run_validation, without_held_out_images
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
+from .pairs import Skipped, find_samples, report_skipped
 from .run_folder import claim_output_dir, folder_run_id
-from .samples import render_grid, write_prompt_list
+from .sample_grids import render_grid, write_prompt_list
 
 log = logging.getLogger("training")
 # The option that passes each model file (downloads.SOURCES keys), for the way out of a missing or bad download.
@@ -225,8 +225,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                                   cfg.reference_timesteps, compute_dtype, device)
         drop_captions = CaptionDropout(cfg.caption_dropout, data.extra_prompts.get(cfg.negative_prompt), cfg.seed, rank)
         batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
-        image_tokens = (cfg.resolution // 16) ** 2  # every bucket holds about as many
-        flops_per_sample = training_flops_per_sample(unwrapped, image_tokens, text_tokens, frozen=lora is not None)
+        # Every bucket holds about as many image tokens as the square one.
+        flops_per_sample = training_flops_per_sample(unwrapped, image_tokens(cfg.resolution, cfg.resolution), text_tokens, frozen=lora is not None)
         flops_per_step = flops_per_sample * cfg.batch_size * cfg.grad_accum
         peak = peak_flops(device, cfg.peak_flops)
         run_name = out.resolve().name

@@ -33,8 +33,8 @@ import torch
 from aaa_core.errors import InputError
 from aaa_core.scheduler import TrainingSchedule
 
-from .data import Sample, Skipped, find_samples
-from .dataset import DataPlan, InMemoryData
+from .encoded_data import DataPlan, InMemoryData
+from .pairs import Sample, Skipped, find_samples
 from .distributed import reshard_after_forward
 from .loss import flow_matching_loss
 from .progress import Progress

@@ -33,14 +33,13 @@ from aaa_core.errors import AAAError, InputError
 from .batches import BatchOrder
 from .buckets import Bucket, assign_bucket, image_size
 from .cache import CacheStats, EncodingCache, FileFacts, content_hash, writing_to_cache
-from .data import Sample, Skipped
 from .encoding import FilledCache, LatentEntry, fill_cache
+from .pairs import Sample, Skipped
 from .shards import INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, shard_name, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
 MEMORY_FRACTION = 0.25  # auto holds the data in memory if it takes at most this share of the available memory
-LOADINGS = ("auto", "memory", "shards")
 
 
 # --------------------------------------------------------------------------------------
@@ -242,7 +241,7 @@ class _MicroBatches(torch.utils.data.Dataset):
 class Loading:
     """How the run reaches the encoded data (everything ``load_training_data`` needs besides the plan)."""
 
-    mode: str  # one of LOADINGS
+    mode: str  # one of config.LOADINGS
     device: torch.device
     on_device: bool  # in memory: move to the GPU when it fits there
     workers: int
