@@ -84,26 +84,35 @@ def validation_curve(train_log: Path) -> list[tuple[int, float, float, float]]:
     return curve
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--a", default="--lr-schedule constant", help="trainer flags of the first run")
     parser.add_argument("--b", default="--lr-schedule cosine --min-lr 2e-5", help="trainer flags of the second run")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of each run")
-    parser.add_argument("--validate-every", type=int, default=50)
+    parser.add_argument("--validate-every", type=int, default=50, help="steps between validations")
     parser.add_argument("--images", type=int, default=96, help="images drawn; 16 of them are held out")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=64, help="side of the drawn images and of training, in pixels")
     parser.add_argument("--size", default="--dim 128 --depth 4 --num-heads 4", help="DiT size flags")
-    parser.add_argument("--vae", default="")
-    parser.add_argument("--text-encoder", default="")
-    parser.add_argument("--folder", type=Path, default=None, help="where the data, cache and runs go (default: a temporary folder)")
+    parser.add_argument("--vae", default=argparse.SUPPRESS, help="FLUX.2 VAE file (default: random small weights)")
+    parser.add_argument("--text-encoder", default=argparse.SUPPRESS, help="Qwen3 file, with --vae (default: random small weights)")
+    parser.add_argument("--folder", type=Path, default=argparse.SUPPRESS,
+                        help="where the data, cache and runs go (default: a temporary folder)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
+    if hasattr(args, "vae") != hasattr(args, "text_encoder"):
+        parser.error("pass --vae and --text-encoder together (or neither, for random small encoders)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
 
     with tempfile.TemporaryDirectory() as temporary:
-        root = args.folder or Path(temporary)
+        root = getattr(args, "folder", None) or Path(temporary)
         data = draw_images(root / "data", args.images, args.resolution)
-        vae, text_encoder = (args.vae, args.text_encoder) if args.vae else random_encoders(root / "encoders")
+        given = getattr(args, "vae", None), getattr(args, "text_encoder", None)
+        vae, text_encoder = given if all(given) else random_encoders(root / "encoders")
         common = ["--data", str(data), "--vae", str(vae), "--text-encoder", str(text_encoder), "--cache-dir", str(root / "cache"),
                   "--resolution", str(args.resolution), *shlex.split(args.size), "--batch-size", "8", "--lr", "5e-4",
                   "--warmup", "linear", "--warmup-steps", "20", "--ema-decay", "0.99", "--max-steps", str(args.steps),
