@@ -7,6 +7,7 @@ import pytest
 
 from aaa_core.cli import build_parser as cli_parser
 from benchmarks.generate_speed import build_parser as generate_speed_parser
+from benchmarks.quality import build_parser as quality_parser
 from benchmarks.train_throughput import build_parser as train_throughput_parser
 from training.config import build_parser as training_parser
 
@@ -21,6 +22,7 @@ PARSERS = {
     "python -m training": training_parser,
     "python -m benchmarks.generate_speed": generate_speed_parser,
     "python -m benchmarks.train_throughput": train_throughput_parser,
+    "python -m benchmarks.quality": quality_parser,
 }
 
 

@@ -16,6 +16,8 @@ from training.train import main as train_main
     (["--max-epochs", "nan", "--max-steps", "0"], "max_epochs nan: must be a finite number"),
     (["--sample-cfg", "nan"], "sample_cfg nan: must be a finite number"),
     (["--lr", "-1"], "lr -1.0 must not be negative"),
+    (["--min-lr", "1"], "min_lr 1.0 must be between 0 and lr 0.0002"),
+    (["--caption-dropout", "1.5"], "caption_dropout 1.5 must be between 0 and 1"),
     (["--adam-eps", "0"], "adam_eps 0.0 must be greater than 0"),
     (["--adam-beta1", "1.5"], "adam_beta1 1.5 and adam_beta2 0.999 must be in [0, 1)"),
     (["--max-grad-norm", "-1"], "weight_decay, max_grad_norm and peak_flops must not be negative"),

@@ -32,7 +32,7 @@ from training.state_files import load_tree
 # three aspect buckets, packed into shards (each process writes its share) and read by a worker per process.
 OPTIONS = ["--batch-size", 2, "--grad-accum", 2, "--ema-decay", 0.9, "--max-grad-norm", 0.5, "--precision", "fp32",
            "--save-every", 2, "--device", "cpu", "--buckets", "32x32,64x32,32x64", "--data-loading", "shards",
-           "--data-workers", 1]
+           "--data-workers", 1, "--validation-split", 3, "--validate-every", 2]
 STATE_FILES = ("model.safetensors", "ema.safetensors")
 
 
@@ -91,13 +91,19 @@ def ddp_runs(models, dataset, tmp_path_factory):
 def test_ddp_two_processes_resume_bit_exactly(ddp_runs):
     root, straight, resumed = ddp_runs
     assert "8 samples per step (2 x 2 accumulation x 2 processes)" in straight.stderr
-    assert "(32x32: 5, 64x32: 1, 32x64: 1)" in straight.stderr and "read from 3 shard(s)" in straight.stderr
+    assert "(32x32: 3, 64x32: 1, 32x64: 1)" in straight.stderr  # 2 of the 7 held out for validation and "read from 3 shard(s)" in straight.stderr
     assert "resumed from" in resumed.stderr and "split/states/step-000002 at step 2" in resumed.stderr
     assert_same_final_state(root / "straight", root / "split")
     # Only the main process writes the shared files; the split folder's first launch kept one state of each step.
     assert sorted(p.name for p in (root / "split" / "states").iterdir()) == ["step-000002", "step-000004"]
     assert [line.split("loss ")[1][:6] for line in straight.stderr.splitlines() if "step 4/4" in line] == \
            [line.split("loss ")[1][:6] for line in resumed.stderr.splitlines() if "step 4/4" in line]
+    assert validation_lines(straight.stderr, 4) == validation_lines(resumed.stderr, 4)  # each process a share, summed
+
+
+def validation_lines(log: str, step: int) -> list[str]:
+    """The numbers of step ``step``'s validation lines (without their seconds)."""
+    return [line.rsplit(" | ", 1)[0] for line in log.splitlines() if f"step {step} | validation loss on 2 held-out images" in line]
 
 
 def test_fsdp_sharded_two_processes_resume_bit_exactly_and_match_ddp(models, dataset, ddp_runs, tmp_path):
@@ -121,6 +127,12 @@ def test_fsdp_sharded_two_processes_resume_bit_exactly_and_match_ddp(models, dat
     fsdp, _ = read_safetensors(root / "straight" / "states" / "step-000004" / "model.safetensors")
     ddp, _ = read_safetensors(ddp_runs[0] / "straight" / "states" / "step-000004" / "model.safetensors")
     assert max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < 1e-5
+    # Validation under FSDP: every process takes part in each forward pass, the EMA is swapped into the shards.
+    straight_and_resumed = validation_lines(result.stderr, 4)
+    assert len(straight_and_resumed) == 2 and straight_and_resumed[0] == straight_and_resumed[1]
+    ema_fsdp, ema_ddp = (float(lines[0].split("| ema ")[1].split()[0])
+                         for lines in (straight_and_resumed, validation_lines(ddp_runs[1].stderr, 4)))
+    assert abs(ema_fsdp - ema_ddp) < 1e-3
 
 
 def fake_accelerator(distributed_type: DistributedType, fsdp_version: int = 2) -> SimpleNamespace:

@@ -48,6 +48,8 @@ def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
 DATA, MODEL, OPTIM, RUN, SAVE, FEEDBACK = "data", "model", "optimisation", "run", "checkpoints", "feedback"
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
 LOADINGS = ("auto", "memory", "shards")  # how the loop reaches the encoded data (encoded_data.py)
+WARMUPS = ("constant", "linear")  # the learning rate's warm-up shapes (lr_schedule.py)
+DECAYS = ("constant", "cosine", "linear")  # and what it does after the warm-up
 MAX_DATA_WORKERS = 64  # reader processes per training process; more only competes for the disk
 NUMPY_SEED_MAX = 2**32 - 1  # the trainer seeds numpy too, which takes no larger seed
 NOT_RECORDED = ("overwrite",)  # a one-time action: re-running a run's config.toml must not delete that run
@@ -112,8 +114,15 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "AdamW beta2 (PyTorch default, as the reference)", OPTIM)
     adam_eps: float = option(1e-8, "AdamW epsilon (PyTorch default, as the reference)", OPTIM)
     warmup: str = option("constant", "LR warm-up shape: 'constant' runs lr/3 for warmup_steps (the reference's ConstantLR), "
-                         "'linear' ramps from lr/warmup_steps up to lr", OPTIM, choices=["constant", "linear"])
+                         "'linear' ramps from lr/warmup_steps up to lr", OPTIM, choices=list(WARMUPS))
     warmup_steps: int = option(5, "optimizer steps of warm-up (reference: 5)", OPTIM)
+    lr_schedule: str = option("constant", "learning rate after the warm-up: 'constant' (the reference), or 'cosine' / 'linear' "
+                              "decay to min_lr at the last step (max_steps, or max_epochs converted to steps)", OPTIM,
+                              choices=list(DECAYS))
+    min_lr: float = option(0.0, "the learning rate the cosine and linear schedules end at", OPTIM)
+    caption_dropout: float = option(0.0, "share of the samples that train on the negative prompt instead of their caption, "
+                                    "so classifier-free guidance has an unconditional model to contrast with (0: none, as "
+                                    "the reference; about 0.1 is usual for new models trained from scratch)", OPTIM)
     max_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0 = off, as the reference", OPTIM)
     ema_decay: float = option(0.999, "EMA of the weights (used for samples and the saved .safetensors); 0 = off. "
                               "Warm-up: decay min(ema_decay, (1+t)/(10+t)) at step t", OPTIM)
@@ -142,7 +151,16 @@ class TrainConfig:
 
     # --- feedback -------------------------------------------------------------------------
     log_every: int = option(10, "log loss, lr, steps/s, images/s and MFU every this many steps", FEEDBACK)
+    log_seconds: float = option(30.0, "also write a plain progress line (step, rate, ETA, loss) whenever nothing was "
+                                "logged for this many seconds, and after the first step, whatever log_every says", FEEDBACK)
     tensorboard: bool = option(True, "write TensorBoard logs to OUTPUT_DIR/tensorboard", FEEDBACK)
+    validation_split: float = option(0.0, "hold out this share (below 1) or number (1 or more) of the training images, chosen "
+                                     "by file name so every run holds out the same ones, to compute the validation loss on "
+                                     "(0: none)", FEEDBACK)
+    validation_data: str = option("", "held-out images for the validation loss, in any --data layout (instead of "
+                                  "--validation-split; a training image with the same content is left out of training)", FEEDBACK)
+    validate_every: int = option(500, "compute the validation loss every this many steps and at the end (0 = never): the "
+                                 "mean flow-matching loss at 8 fixed timesteps with fixed noise, for the raw and EMA weights", FEEDBACK)
     sample_every: int = option(500, "render the validation prompts every this many steps and at the end (0 = never)", FEEDBACK)
     validation_prompts: list = option([], "prompts rendered in the sample grids (default: the first num_validation_prompts captions)",
                                       FEEDBACK, nargs="*", metavar="PROMPT")
@@ -180,15 +198,24 @@ class TrainConfig:
             (self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads} "
              f"(--model {self.model} gives the sizes not set explicitly)"),
             (self.lr >= 0, f"lr {self.lr} must not be negative (0 freezes the weights)"),
+            (self.warmup in WARMUPS and self.lr_schedule in DECAYS,
+             f"warmup {self.warmup!r} / lr_schedule {self.lr_schedule!r}: use {' or '.join(WARMUPS)} / {', '.join(DECAYS)}"),
+            (self.validation_split >= 0 and (self.validation_split < 1 or self.validation_split.is_integer()),
+             f"validation_split {self.validation_split:g}: use a share below 1 or a whole number of images"),
+            (not (self.validation_split and self.validation_data), "pass --validation-split or --validation-data, not both"),
+            (0 <= self.caption_dropout <= 1, f"caption_dropout {self.caption_dropout} must be between 0 and 1"),
+            (0 <= self.min_lr <= self.lr, f"min_lr {self.min_lr} must be between 0 and lr {self.lr}"),
             (self.adam_eps > 0, f"adam_eps {self.adam_eps} must be greater than 0"),
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
              f"adam_beta1 {self.adam_beta1} and adam_beta2 {self.adam_beta2} must be in [0, 1)"),
             (min(self.weight_decay, self.max_grad_norm, self.peak_flops) >= 0,
              "weight_decay, max_grad_norm and peak_flops must not be negative"),
+            (self.log_seconds > 0, f"log_seconds {self.log_seconds} must be greater than 0"),
             (min(self.log_every, self.encode_batch_size, self.sample_steps) >= 1, "log_every, encode_batch_size and sample_steps must be at least 1"),
             (self.data_loading in LOADINGS, f"data_loading {self.data_loading!r}: use one of {', '.join(LOADINGS)}"),
             (0 <= self.data_workers <= MAX_DATA_WORKERS, f"data_workers {self.data_workers} must be between 0 and {MAX_DATA_WORKERS}"),
-            (min(self.save_every, self.sample_every, self.warmup_steps) >= 0, "save_every, sample_every and warmup_steps must not be negative"),
+            (min(self.save_every, self.sample_every, self.validate_every, self.warmup_steps) >= 0,
+             "save_every, sample_every, validate_every and warmup_steps must not be negative"),
             (self.sample_every == 0 or self.validation_prompts or self.num_validation_prompts >= 1,
              f"num_validation_prompts {self.num_validation_prompts} must be at least 1 when samples are drawn (or set sample_every 0)"),
         ]

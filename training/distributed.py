@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from aaa_core.dit import AAADiT, AAADiTConfig
@@ -108,6 +109,16 @@ def _shard_like(value: Any, like: Any) -> Any:
     if not (isinstance(like, DTensor) and isinstance(value, torch.Tensor) and value.shape == like.shape):
         return value
     return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def reshard_after_forward(model: nn.Module) -> None:
+    """Puts a sharded model's parameters back into shards after forward passes with no backward (validation).
+
+    FSDP2 keeps the root module's parameters gathered after its forward pass, expecting the
+    backward to use them; without one they would stay full tensors next to the sharded ones.
+    """
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def sampling_model(module: nn.Module, config: AAADiTConfig, keep: bool) -> nn.Module | None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Collection
 
 import torch
-from tqdm import tqdm
 
 from aaa_core.errors import InputError
 from aaa_core.text_encoder import load_text_encoder
@@ -23,6 +22,7 @@ from aaa_core.vae import load_vae
 
 from .cache import CacheStats, EncodingCache
 from .pairs import load_image
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _encode_images(entries: list[LatentEntry], cache, vae_path, device, batch_si
     for _, same_size in groupby(sorted(entries, key=lambda entry: entry.size), key=lambda entry: entry.size):
         same_size = list(same_size)
         batches += [same_size[start : start + batch_size] for start in range(0, len(same_size), batch_size)]
-    with tqdm(total=len(entries), desc="encoding images", unit="img", disable=None if main else True) as bar:
+    with Progress(len(entries), "encoding images", "images", enabled=main) as bar:
         for batch in batches:
             if should_stop():
                 raise KeyboardInterrupt(STOPPED_WHILE_ENCODING)
@@ -150,7 +150,7 @@ def _encode_prompts(prompts: list[tuple[str, str]], cache, text_encoder_path, de
         return
     encoder = load_text_encoder(text_encoder_path, dtype=cache.dtype, device=device)
     stats.text_encoder_loaded = True
-    with tqdm(total=len(prompts), desc="encoding prompts", unit="prompt", disable=None if main else True) as bar:
+    with Progress(len(prompts), "encoding prompts", "prompts", enabled=main) as bar:
         for start in range(0, len(prompts), batch_size):
             if should_stop():
                 raise KeyboardInterrupt(STOPPED_WHILE_ENCODING)

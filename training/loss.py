@@ -21,13 +21,15 @@ import torch.nn.functional as F
 from aaa_core.scheduler import TrainingSchedule
 
 
-def step_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
-    """A generator for micro-step ``micro_step`` on process ``rank``, a pure function of the three.
+def step_generator(seed: int, micro_step: int, rank: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """A generator for micro-step ``micro_step`` on process ``rank``, a pure function of the four.
 
     Seeding per step (not one stream for the run) makes noise and timesteps independent of
     what happened before, so a resumed run draws exactly what an uninterrupted one would.
+    ``stream`` numbers independent draws of the same step (0: the noise and timesteps).
     """
-    state = np.random.SeedSequence([seed, micro_step, rank]).generate_state(2, np.uint32)
+    entropy = [seed, micro_step, rank] + ([stream] if stream else [])  # stream 0 keeps the seeds of earlier runs
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -23,6 +23,8 @@ from aaa_core.sampling import make_noise, sample
 from aaa_core.images import tensor_to_pil
 from aaa_core.vae import Flux2VAE
 
+from .progress import Progress
+
 log = logging.getLogger(__name__)
 
 
@@ -55,13 +57,16 @@ def render_grid(
     batches += [(make_noise(seed, 1, height // factor, width // factor, dtype, device), prompts[:1]) for width, height in extra_sizes]
 
     def stop_check(done: int, total: int, x0: torch.Tensor) -> None:
+        bar.update()
         if should_stop():
             raise _Stopped
 
     was_training = model.training
     model.eval()
+    stack = contextlib.ExitStack()
     try:
         rendered = []
+        bar = stack.enter_context(Progress(len(batches) * steps, "sample grid", "steps"))
         for noise, embeds in batches:
             with autocast():
                 latents = sample(model, noise, embeds.to(device), negative[None].to(device), steps, cfg, callback=stop_check)
@@ -72,6 +77,7 @@ def render_grid(
         log.warning("no sample grid this time: %s", err)
         return None
     finally:
+        stack.close()
         model.train(was_training)
     grid = tile(rendered[0])
     return with_row_below(grid, [images[0] for images in rendered[1:]]) if extra_sizes else grid

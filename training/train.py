@@ -61,6 +61,7 @@ from aaa_core.vae import load_vae
 
 from .batches import BatchOrder
 from .buckets import parse_buckets, wide_and_tall
+from .caption_dropout import CaptionDropout
 from .cache import CacheStats, EncodingCache, cache_dir_for, encoder_dtype_for
 from .checkpoints import (
     SAVE_DTYPES, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
@@ -70,6 +71,9 @@ from .distributed import check_setup, full_state_dict, main_value, sampling_mode
 from .encoded_data import Loading, load_training_data, plan_data
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
+from .lr_schedule import LrSchedule
+from .progress import Heartbeat
+from .validation import Validation, hold_out, run_validation, without_held_out_images
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .memory import check_model_fits
 from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
@@ -93,6 +97,7 @@ class TrainSummary:
     cache: CacheStats
     skipped: list[Skipped]
     stopped: bool
+    validation: list[tuple[int, dict[str, float]]]  # (step, TensorBoard's val/... scalars)
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
@@ -120,6 +125,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     try:
         # The data, the model files and the output folder are checked before that folder is created or written.
         samples, skipped = find_samples(cfg.data)
+        samples, held_out, skipped_held_out = hold_out(samples, cfg.validation_split, cfg.validation_data)
+        skipped += skipped_held_out
         with accelerator.main_process_first():  # one download, then the others reuse it
             wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
             if cfg.init_from:
@@ -139,14 +146,21 @@ def train(cfg: TrainConfig) -> TrainSummary:
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
         buckets = parse_buckets(cfg.buckets, cfg.resolution)
-        # The sample prompts are cached too: sampling never loads Qwen3.
-        plan = plan_data(samples, prompts + [cfg.negative_prompt] if cfg.sample_every else [], cache, buckets, is_main, barrier)
+        # The sample prompts are cached too (sampling never loads Qwen3), and the negative one for caption dropout.
+        extra_prompts = (prompts if cfg.sample_every else []) + ([cfg.negative_prompt] if cfg.sample_every or cfg.caption_dropout else [])
+        plan = plan_data(samples, extra_prompts, cache, buckets, is_main, barrier)
+        held_out_plan = plan_data(held_out, [], cache, buckets, is_main, barrier) if held_out and cfg.validate_every else None
+        plan = without_held_out_images(plan, held_out_plan) if held_out_plan else plan
         loading = Loading(cfg.data_loading, device, cfg.cache_on_device, cfg.data_workers, cfg.encode_batch_size,
                           rank, world, barrier, stop)
         data, unreadable = load_training_data(plan, cache, vae_path, text_encoder_path, loading)
+        if held_out_plan:  # small: always held in memory
+            held_out_data, unreadable_held_out = load_training_data(held_out_plan, cache, vae_path, text_encoder_path,
+                                                                    dataclasses.replace(loading, mode="memory"))
+            unreadable += unreadable_held_out
         skipped += unreadable
         if is_main:
-            report_skipped(skipped, len(samples) + len(skipped) - len(unreadable))
+            report_skipped(skipped, len(samples) + len(held_out) + len(skipped) - len(unreadable))
         text_tokens, text_dim = data.text_shape
         log.info("data: %d samples (%s), prompts %dx%d, %s", len(data), data.bucket_counts(), text_tokens, text_dim, data.describe())
 
@@ -191,13 +205,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
             weight_decay=cfg.weight_decay, fused=use_cuda,
         )
 
-        def lr_factor(step: int) -> float:
-            if step >= cfg.warmup_steps:
-                return 1.0
-            return 1 / 3 if cfg.warmup == "constant" else (step + 1) / cfg.warmup_steps  # constant: ConstantLR's default 1/3
-
+        samples_per_step = cfg.batch_size * cfg.grad_accum * world
+        total_steps = _total_steps(cfg, len(data), samples_per_step)
+        lr_schedule = LrSchedule(cfg.lr, cfg.warmup, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr, total_steps)
+        log.info("%s", lr_schedule.describe())
         # Stepped once per optimizer step by us (not passed to accelerate, which would step it once per process).
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        # A lambda, which the scheduler's state leaves out: the rate comes from the step alone.
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_schedule.factor(step))
         if cfg.compile:
             for block in model.blocks:
                 block.compile()
@@ -220,8 +234,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
         # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
         schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
         order = BatchOrder(data.bucket_ids, cfg.batch_size, rank, world, cfg.seed, data.bucket_ids.device)
-        samples_per_step = cfg.batch_size * cfg.grad_accum * world
-        total_steps = _total_steps(cfg, len(data), samples_per_step)
+        validation = held_out_plan and Validation(held_out_data, cfg.batch_size, rank, world, schedule,
+                                                  cfg.reference_timesteps, compute_dtype, device)
+        drop_captions = CaptionDropout(cfg.caption_dropout, data.extra_prompts.get(cfg.negative_prompt), cfg.seed, rank)
         batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
         # Every bucket holds about as many image tokens as the square one.
         flops_per_sample = training_flops_per_sample(unwrapped, image_tokens(cfg.resolution, cfg.resolution), text_tokens, frozen=lora is not None)
@@ -250,6 +265,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             return checkpoint if is_main else None
 
         def save(step: int) -> tuple[Path | None, Path]:
+            log.info("step %d: saving the training state and the weights", step)
             # The state first: a run killed between the two leaves a state whose checkpoint --resume writes,
             # never a checkpoint that no state continues.
             progress = {
@@ -270,11 +286,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
                  step, total_steps, samples_per_step, cfg.batch_size, cfg.grad_accum, world,
                  total_steps * samples_per_step / len(data))
         losses: list[tuple[int, float]] = []
+        validation_losses: list[tuple[int, dict[str, float]]] = []
         checkpoint = state_dir = None
         last_saved = step if state is not None else -1
         loss_sum, loss_count = torch.zeros((), device=device), 0
         window_start, window_steps = time.perf_counter(), 0
         stopped = False
+        heartbeat = Heartbeat(cfg.log_seconds, step, total_steps)
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=None if is_main else True, dynamic_ncols=True)
         with bar, logging_redirect_tqdm(), contextlib.closing(batches):  # closing ends the data workers
             while step < total_steps:
@@ -282,7 +300,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     micro_step = step * cfg.grad_accum + micro
                     latents, text = next(batches)
                     latents = latents.to(device, compute_dtype, non_blocking=True)
-                    text = text.to(device, non_blocking=True)
+                    text = drop_captions(text.to(device, non_blocking=True), micro_step)
                     indices, noise = draw_noise(latents, len(schedule.sigmas), step_generator(cfg.seed, micro_step, rank, device))
                     no_sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with no_sync:
@@ -323,6 +341,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     loss_sum.zero_()
                     loss_count = 0
                     window_start, window_steps = time.perf_counter(), 0
+                    heartbeat.logged()
+                elif is_main and heartbeat.due():  # a long step or a large log_every: never silent for long
+                    log.info("%s", heartbeat.line(step, (loss_sum / loss_count).item()))
 
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps) and not stopping:
                     sampled = sampling_model(ema if ema is not None else trained, unwrapped.config, keep=is_main)
@@ -340,6 +361,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                 grid.save(tmp, format="PNG")
                             tensorboard.image("samples", grid, step)
                     barrier()
+                    window_start, window_steps = time.perf_counter(), 0
+
+                if validation and (step % cfg.validate_every == 0 or step == total_steps) and not stopping:
+                    validation_losses.append((step, run_validation(validation, step, model, trained, ema, accelerator.reduce)))
+                    tensorboard.scalars(validation_losses[-1][1], step)
                     window_start, window_steps = time.perf_counter(), 0
 
                 if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopping:
@@ -362,7 +388,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             where = "loras/ and apply it with LoraLoaderModelOnly" if lora else "diffusion_models/ and pick it in the AAADiT loader"
             log.info("done: %s (copy it to ComfyUI/models/%s)", checkpoint, where)
         accelerator.end_training()
-        return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped)
+        return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped, validation_losses)
     finally:
         stop.restore()
         stop_logging_to_file(log_file)
