@@ -17,6 +17,7 @@ from typing import NoReturn
 import torch
 from tqdm import tqdm
 
+from . import defaults
 from .devices import resolve_device, resolve_dtype
 from .errors import AAAError, InputError, ways_out
 from .guards import out_of_memory_as_error
@@ -59,16 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate images from a prompt", formatter_class=DefaultsWhereTheySaySomething)
     gen.add_argument("--prompt", required=True, help="what to draw")
-    gen.add_argument("--negative-prompt", default=" ",
+    gen.add_argument("--negative-prompt", default=defaults.NEGATIVE_PROMPT,
                      help="what to steer away from, used when --cfg is not 1 (default: a single space, as the reference)")
-    gen.add_argument("--steps", type=int, default=30, help=f"Euler sampling steps, up to {MAX_STEPS}")
-    gen.add_argument("--cfg", type=float, default=10.0, help="classifier-free guidance scale; 1 disables the negative pass")
-    gen.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**64-1; image i of a batch uses seed+i (wrapping past 2**64-1 to 0)")
-    gen.add_argument("--width", type=int, default=256, help=f"image width, a multiple of 16 up to {MAX_RESOLUTION}")
-    gen.add_argument("--height", type=int, default=256, help=f"image height, a multiple of 16 up to {MAX_RESOLUTION}")
+    gen.add_argument("--steps", type=int, default=defaults.STEPS, help=f"Euler sampling steps, up to {MAX_STEPS}")
+    gen.add_argument("--cfg", type=float, default=defaults.CFG, help="classifier-free guidance scale; 1 disables the negative pass")
+    gen.add_argument("--seed", type=int, default=defaults.SEED, help="noise seed, 0 to 2**64-1; image i of a batch uses seed+i (wrapping past 2**64-1 to 0)")
+    gen.add_argument("--width", type=int, default=defaults.SIZE, help=f"image width, a multiple of 16 up to {MAX_RESOLUTION}")
+    gen.add_argument("--height", type=int, default=defaults.SIZE, help=f"image height, a multiple of 16 up to {MAX_RESOLUTION}")
     gen.add_argument("--batch-size", type=int, default=1, help=f"images per run, up to {MAX_BATCH_SIZE}")
     gen.add_argument("--image", type=Path, help="input image for image-to-image")
-    gen.add_argument("--denoise", type=float, default=None, help="image-to-image strength in (0, 1]; default 0.6 with --image, else 1")
+    gen.add_argument("--denoise", type=float, default=None, help=f"image-to-image strength in (0, 1]; default {defaults.IMG2IMG_DENOISE} with --image, else 1")
     gen.add_argument("--dit", type=Path, help="AAADiT .safetensors (default: download step-600000 from ModelScope)")
     gen.add_argument("--vae", type=Path, help="FLUX.2 VAE .safetensors (default: download from ModelScope)")
     gen.add_argument("--text-encoder", type=Path, help="Qwen3-0.6B model.safetensors or its folder (default: download)")
@@ -93,7 +94,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     from .pipeline import AAAPipeline, GenerationSettings  # torch-heavy imports after argument parsing
     from .png_metadata import png_info, provenance
 
-    denoise = args.denoise if args.denoise is not None else (0.6 if args.image else 1.0)
+    denoise = args.denoise if args.denoise is not None else (defaults.IMG2IMG_DENOISE if args.image else 1.0)
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
         seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, denoise=denoise,

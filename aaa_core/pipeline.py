@@ -14,34 +14,32 @@ from typing import Callable, Mapping
 import torch
 from PIL import Image
 
-from . import downloads
+from . import defaults, downloads
 from .devices import resolve_device, resolve_dtype
 from .dit import AAADiT, load_dit
 from .errors import InputError
+from .geometry import latent_size
 from .guards import require_finite
 from .images import pil_to_tensor, resize_cover, tensor_to_pil
 from .limits import MAX_BATCH_SIZE, MAX_STEPS, SEED_MAX, check_finite, check_int_range, check_text
 from .preflight import check_model_files, check_models_fit
-from .sampling import StepCallback, latent_size, make_noise, sample
+from .sampling import StepCallback, make_noise, sample
 from .text_encoder import Qwen3TextEncoder, load_text_encoder
 from .vae import Flux2VAE, load_vae
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NEGATIVE_PROMPT = " "  # what the reference tutorial samples with
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     """Everything that decides the output image, validated before any model is loaded."""
 
     prompt: str
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    steps: int = 30
-    cfg: float = 10.0
-    seed: int = 0
-    width: int = 256
-    height: int = 256
+    negative_prompt: str = defaults.NEGATIVE_PROMPT
+    steps: int = defaults.STEPS
+    cfg: float = defaults.CFG
+    seed: int = defaults.SEED
+    width: int = defaults.SIZE
+    height: int = defaults.SIZE
     batch_size: int = 1
     denoise: float = 1.0
     # What errors call each field (the CLI passes its flags); not stored.

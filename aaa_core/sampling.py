@@ -14,13 +14,11 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import InputError
+# nodes/ still imports DOWNSCALE and latent_size from here; they move to geometry with the nodes/ rewrite (issue 17).
+from .geometry import DOWNSCALE, LATENT_CHANNELS, latent_size  # noqa: F401
 from .guards import require_finite
-from .limits import MAX_RESOLUTION, SEED_MAX
+from .limits import SEED_MAX
 from .scheduler import flux2_sigmas, sigmas_to_timesteps
-
-LATENT_CHANNELS = 128
-DOWNSCALE = 16  # pixels per latent cell: FLUX.2 VAE /8, then 2x2 patchify
-
 
 class VelocityModel(Protocol):
     def __call__(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor: ...
@@ -29,17 +27,6 @@ class VelocityModel(Protocol):
 # Called after each step with (steps done, total steps, predicted clean latents).
 # It may raise to stop sampling (ComfyUI's interrupt does exactly that).
 StepCallback = Callable[[int, int, torch.Tensor], None]
-
-
-def latent_size(width: int, height: int, names: tuple[str, str] = ("width", "height")) -> tuple[int, int]:
-    """Latent (height, width) for an image size; both sides must be positive multiples of 16 up to
-    ``MAX_RESOLUTION``. ``names`` are what errors call the two sides (e.g. CLI flags)."""
-    for name, value in zip(names, (width, height)):
-        if value > MAX_RESOLUTION:
-            raise InputError(f"{name} {value} is above the maximum of {MAX_RESOLUTION}")
-        if value < DOWNSCALE or value % DOWNSCALE:
-            raise InputError(f"{name} {value} is not a positive multiple of {DOWNSCALE}; try {max(DOWNSCALE, round(value / DOWNSCALE) * DOWNSCALE)}")
-    return height // DOWNSCALE, width // DOWNSCALE
 
 
 def batch_seed(seed: int, index: int) -> int:

@@ -26,18 +26,17 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 from .checkpoint import (
     QWEN3,
     adopt_state_dict,
-    check_kind,
+    check_model_file,
     check_path,
     check_state_dict_matches,
     load_checkpoint,
-    read_header,
 )
 from .errors import InputError, ModelFileError, short_reason
+from .geometry import TEXT_TOKENS
 from .qwen3_config import build_empty_model, read_config, read_json_file
 
 logger = logging.getLogger(__name__)
 
-MAX_TOKENS = 128  # section 7: padding="max_length", truncation=True, max_length=128
 PAD_TOKEN = "<|endoftext|>"
 PAD_TOKEN_ID = 151643
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "qwen3_0.6b"
@@ -163,7 +162,7 @@ class Qwen3TextEncoder:
             return_tensors="pt",
             padding="max_length",
             truncation=True,  # from the right: a long prompt loses the template tail, as in the reference
-            max_length=MAX_TOKENS,
+            max_length=TEXT_TOKENS,
         )
         return batch["input_ids"], batch["attention_mask"]
 
@@ -304,8 +303,7 @@ def _text_encoder_files(path: Path) -> tuple[Path, Path, Qwen3Config, object]:
 def check_text_encoder_file(path: "str | os.PathLike[str]") -> int:
     """Checks a Qwen3 text encoder from its config, tokenizer and weights header alone; returns its hidden size."""
     weights, config_file, config, _ = _text_encoder_files(Path(path))
-    header, _ = read_header(weights)
-    check_kind(header, QWEN3, weights)
+    header, _ = check_model_file(weights, QWEN3)
     header = _to_model_keys(header)
     _check_sizes(header, config, config_file, weights)
     check_state_dict_matches(build_empty_model(config), header, weights)

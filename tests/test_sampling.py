@@ -5,7 +5,8 @@ import torch
 
 from aaa_core.dit import AAADiT
 from aaa_core.errors import InputError
-from aaa_core.sampling import latent_size, make_noise, sample
+from aaa_core.geometry import latent_size
+from aaa_core.sampling import make_noise, sample
 from tiny_models import TINY_DIT
 
 

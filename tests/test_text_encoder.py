@@ -18,9 +18,9 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 from aaa_core.checkpoint import save_safetensors
 from aaa_core.dit import AAADiT, AAADiTConfig
 from aaa_core.errors import InputError, ModelFileError
+from aaa_core.geometry import TEXT_TOKENS
 from aaa_core.text_encoder import (
     ASSETS_DIR,
-    MAX_TOKENS,
     PAD_TOKEN_ID,
     Qwen3TextEncoder,
     build_empty_model,
@@ -148,17 +148,17 @@ def test_build_prompt_is_the_qwen3_template_without_thinking():
 def test_tokenize_pads_right_to_128_with_endoftext(encoder):
     reference = AutoTokenizer.from_pretrained(str(_reference_tokenizer_dir()))
     input_ids, attention_mask = encoder.tokenize(PROMPTS)
-    assert input_ids.shape == attention_mask.shape == (2, MAX_TOKENS)
+    assert input_ids.shape == attention_mask.shape == (2, TEXT_TOKENS)
     for row, prompt in enumerate(PROMPTS):
         text = build_prompt(prompt)
         unpadded = reference(text)["input_ids"]
         n = len(unpadded)
-        assert n < MAX_TOKENS
+        assert n < TEXT_TOKENS
         assert input_ids[row, :n].tolist() == unpadded
         assert input_ids[row, 0] == IM_START  # no BOS in front of the template
         assert (input_ids[row, n:] == PAD_TOKEN_ID).all()
         assert attention_mask[row, :n].all() and not attention_mask[row, n:].any()
-        expected = reference(text, return_tensors="pt", padding="max_length", truncation=True, max_length=MAX_TOKENS)
+        expected = reference(text, return_tensors="pt", padding="max_length", truncation=True, max_length=TEXT_TOKENS)
         assert torch.equal(input_ids[row], expected["input_ids"][0])
         assert torch.equal(attention_mask[row], expected["attention_mask"][0])
 
@@ -166,10 +166,10 @@ def test_tokenize_pads_right_to_128_with_endoftext(encoder):
 def test_long_prompts_are_truncated_from_the_right(encoder):
     prompt = "a very long description of a pokemon " * 40
     full = encoder.tokenizer(build_prompt(prompt))["input_ids"]
-    assert len(full) > MAX_TOKENS
+    assert len(full) > TEXT_TOKENS
     input_ids, attention_mask = encoder.tokenize([prompt])
-    assert input_ids.shape == (1, MAX_TOKENS)
-    assert input_ids[0].tolist() == full[:MAX_TOKENS]  # the template tail is lost, as in the reference
+    assert input_ids.shape == (1, TEXT_TOKENS)
+    assert input_ids[0].tolist() == full[:TEXT_TOKENS]  # the template tail is lost, as in the reference
     assert attention_mask.all()
 
 
@@ -180,7 +180,7 @@ def test_long_prompts_are_truncated_from_the_right(encoder):
 
 def test_encode_equals_the_reference_computation(encoder, tiny_model):
     embeddings = encoder.encode(PROMPTS)
-    assert embeddings.shape == (2, MAX_TOKENS, TINY["hidden_size"])
+    assert embeddings.shape == (2, TEXT_TOKENS, TINY["hidden_size"])
     assert embeddings.dtype == torch.float32 and embeddings.device.type == "cpu"
     assert not embeddings.requires_grad
     input_ids, attention_mask = encoder.tokenize(PROMPTS)

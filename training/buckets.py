@@ -17,13 +17,13 @@ from fractions import Fraction
 from PIL import ExifTags, Image
 
 from aaa_core.errors import InputError
+from aaa_core.geometry import DOWNSCALE
 from aaa_core.images import image_file_errors
 from aaa_core.limits import MAX_RESOLUTION
 
-SIDE_MULTIPLE = 16  # the VAE's downscale factor
 MAX_RATIO = 2  # "aspect": from 1:2 to 2:1
 SPEC_HELP = ("use 'square', 'aspect' or a list of WIDTHxHEIGHT sizes such as '512x256,256x512,384x384' "
-             f"(sides multiples of {SIDE_MULTIPLE} up to {MAX_RESOLUTION})")
+             f"(sides multiples of {DOWNSCALE} up to {MAX_RESOLUTION})")
 # EXIF orientations that ImageOps.exif_transpose (and so open_rgb) turns by 90 or 270 degrees.
 _SIDES_SWAPPED = {5, 6, 7, 8}
 
@@ -42,7 +42,7 @@ class Bucket:
     @property
     def latent_size(self) -> tuple[int, int]:
         """(height, width) of its latents."""
-        return self.height // SIDE_MULTIPLE, self.width // SIDE_MULTIPLE
+        return self.height // DOWNSCALE, self.width // DOWNSCALE
 
 
 def parse_buckets(spec: str, resolution: int) -> list[Bucket]:
@@ -64,7 +64,7 @@ def _parse_size(part: str, spec: str) -> Bucket:
     if match is None:
         raise InputError(f"buckets {spec!r}: {part!r} is not WIDTHxHEIGHT; {SPEC_HELP}")
     for side in match.groups():  # the length first: int() refuses thousands of digits with a traceback
-        if len(side) > len(str(MAX_RESOLUTION)) or int(side) % SIDE_MULTIPLE or not 0 < int(side) <= MAX_RESOLUTION:
+        if len(side) > len(str(MAX_RESOLUTION)) or int(side) % DOWNSCALE or not 0 < int(side) <= MAX_RESOLUTION:
             raise InputError(f"buckets {spec!r}: {part!r} has a side of {side}; {SPEC_HELP}")
     return Bucket(int(match[1]), int(match[2]))
 
@@ -78,8 +78,8 @@ def aspect_buckets(resolution: int) -> list[Bucket]:
     """
     area = resolution * resolution
     longest: dict[int, int] = {}  # short side -> the longest long side it pairs with
-    for long in range(resolution, math.floor(resolution * math.sqrt(2)) + 1, SIDE_MULTIPLE):
-        short = area // long // SIDE_MULTIPLE * SIDE_MULTIPLE
+    for long in range(resolution, math.floor(resolution * math.sqrt(2)) + 1, DOWNSCALE):
+        short = area // long // DOWNSCALE * DOWNSCALE
         if short and long <= MAX_RESOLUTION and long <= MAX_RATIO * short:
             longest[short] = long
     return sorted({Bucket(long, short) for short, long in longest.items()} | {Bucket(short, long) for short, long in longest.items()})

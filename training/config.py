@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aaa_core import defaults
 from aaa_core.cli import OneLineParser
-from aaa_core.devices import cpu_has_native_bf16
+from aaa_core.devices import bf16_is_native
 from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
 from aaa_core.errors import InputError
+from aaa_core.geometry import DOWNSCALE
 from aaa_core.input_files import not_a_file_message, not_utf8_message, special_file_kind
 from aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX, check_text
 
@@ -53,7 +55,7 @@ class TrainConfig:
     # --- data -----------------------------------------------------------------------------
     data: str = option("", "training images: a folder with metadata.csv (columns image, prompt), a .csv file, "
                        "or a folder of images with same-named .txt captions", DATA)
-    resolution: int = option(256, "training size in pixels, a multiple of 16: the side of the square images (resize to cover, "
+    resolution: int = option(defaults.SIZE, "training size in pixels, a multiple of 16: the side of the square images (resize to cover, "
                              "then centre-crop), or with --buckets aspect the area R x R each shape keeps", DATA)
     buckets: str = option("square", "image shapes: 'square' (every image cropped to R x R), 'aspect' (shapes of about R x R "
                           "pixels from 1:2 to 2:1; each image goes to the one nearest its aspect ratio, so less is cropped) "
@@ -137,9 +139,9 @@ class TrainConfig:
     validation_prompts: list = option([], "prompts rendered in the sample grids (default: the first num_validation_prompts captions)",
                                       FEEDBACK, nargs="*", metavar="PROMPT")
     num_validation_prompts: int = option(4, "captions used when validation_prompts is empty", FEEDBACK)
-    negative_prompt: str = option(" ", "negative prompt of the samples (the reference samples with ' ')", FEEDBACK)
-    sample_steps: int = option(30, "Euler steps per sample (reference: 30)", FEEDBACK)
-    sample_cfg: float = option(10.0, "classifier-free guidance of the samples (reference: 10)", FEEDBACK)
+    negative_prompt: str = option(defaults.NEGATIVE_PROMPT, "negative prompt of the samples (the reference samples with ' ')", FEEDBACK)
+    sample_steps: int = option(defaults.STEPS, f"Euler steps per sample (reference: {defaults.STEPS})", FEEDBACK)
+    sample_cfg: float = option(defaults.CFG, f"classifier-free guidance of the samples (reference: {defaults.CFG:g})", FEEDBACK)
     sample_seed: int = option(0, "noise seed of the first sample; prompt i uses seed + i", FEEDBACK)
     peak_flops: float = option(0.0, "accelerator peak bf16 FLOP/s for MFU (default: looked up from the GPU name)", FEEDBACK)
 
@@ -151,7 +153,7 @@ class TrainConfig:
         self._apply_model_preset()
         checks = [
             (self.data != "", "no training data: pass --data FOLDER_OR_CSV (or set data in the --config file)"),
-            (self.resolution >= 16 and self.resolution % 16 == 0, f"resolution {self.resolution} is not a positive multiple of 16"),
+            (self.resolution >= DOWNSCALE and self.resolution % DOWNSCALE == 0, f"resolution {self.resolution} is not a positive multiple of {DOWNSCALE}"),
             (self.resolution <= MAX_RESOLUTION, f"resolution {self.resolution} is above the maximum of {MAX_RESOLUTION}"),
             (0 <= self.seed <= NUMPY_SEED_MAX, f"seed {self.seed} must be between 0 and {NUMPY_SEED_MAX} (numpy's seed range)"),
             (0 <= self.sample_seed <= SEED_MAX, f"sample_seed {self.sample_seed} must be between 0 and {SEED_MAX}"),
@@ -208,7 +210,7 @@ class TrainConfig:
         """``precision`` with auto made concrete: bf16 autocast on GPUs and on CPUs that compute bf16 natively."""
         if self.precision != "auto":
             return self.precision
-        return "bf16" if use_cuda or cpu_has_native_bf16() else "fp32"
+        return "bf16" if bf16_is_native("cuda" if use_cuda else "cpu") else "fp32"
 
     @property
     def global_batch_per_process(self) -> int:

@@ -51,10 +51,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from aaa_core import downloads
-from aaa_core.outputs import atomic_output
+from aaa_core.outputs import atomic_output, write_text_atomic
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
 from aaa_core.errors import AAAError, InputError, ways_out
-from aaa_core.sampling import LATENT_CHANNELS
+from aaa_core.geometry import LATENT_CHANNELS, image_tokens
 from aaa_core.scheduler import TrainingSchedule
 from aaa_core.vae import load_vae
 
@@ -63,7 +63,6 @@ from .buckets import parse_buckets, wide_and_tall
 from .cache import CacheStats, EncodingCache, cache_dir_for, encoder_dtype_for
 from .checkpoints import (
     SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
-    write_text_atomic,
 )
 from .config import TrainConfig, parse_config
 from .distributed import check_setup, full_state_dict, sampling_model, shard_like
@@ -210,8 +209,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         samples_per_step = cfg.batch_size * cfg.grad_accum * world
         total_steps = _total_steps(cfg, len(data), samples_per_step)
         batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
-        image_tokens = (cfg.resolution // 16) ** 2  # every bucket holds about as many
-        flops_per_sample = training_flops_per_sample(unwrapped, image_tokens, text_tokens, frozen=lora is not None)
+        # Every bucket holds about as many image tokens as the square one.
+        flops_per_sample = training_flops_per_sample(unwrapped, image_tokens(cfg.resolution, cfg.resolution), text_tokens, frozen=lora is not None)
         flops_per_step = flops_per_sample * cfg.batch_size * cfg.grad_accum
         peak = peak_flops(device, cfg.peak_flops)
         run_name = out.resolve().name
