@@ -14,8 +14,7 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import InputError
-# nodes/ still imports DOWNSCALE and latent_size from here; they move to geometry with the nodes/ rewrite (issue 17).
-from .geometry import DOWNSCALE, LATENT_CHANNELS, latent_size  # noqa: F401
+from .geometry import LATENT_CHANNELS
 from .guards import require_finite
 from .limits import SEED_MAX
 from .scheduler import flux2_sigmas, sigmas_to_timesteps

@@ -23,6 +23,7 @@ import latent_preview
 import torch
 from tqdm import tqdm
 
+from ..aaa_core.devices import SHORT_NAMES
 from ..aaa_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 DIT, VAE, TEXT_ENCODER = "dit", "vae", "text_encoder"
 
 # The loaders' weight_dtype choices; "auto" lets ComfyUI choose for the device.
-WEIGHT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_DTYPES = {"auto": None, **{name: dtype for dtype, name in SHORT_NAMES.items()}}  # the loaders' choices
 # The published checkpoint was trained in bf16, so prefer it where the device supports it.
 DIT_SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # What ComfyUI itself runs the FLUX.2 VAE in (comfy/sd.py VAE.working_dtypes in 0.10).

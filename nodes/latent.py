@@ -16,7 +16,8 @@ import torch
 from ..aaa_core import images
 from ..aaa_core.errors import InputError
 from ..aaa_core.limits import MAX_BATCH_SIZE, MAX_RESOLUTION, check_int_range
-from ..aaa_core.sampling import DOWNSCALE, LATENT_CHANNELS, latent_size
+from ..aaa_core.defaults import SIZE
+from ..aaa_core.geometry import DOWNSCALE, LATENT_CHANNELS, latent_size
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class AAAEmptyLatentImage:
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"default": 256, "min": DOWNSCALE, "max": MAX_RESOLUTION, "step": DOWNSCALE}
+        size = {"default": SIZE, "min": DOWNSCALE, "max": MAX_RESOLUTION, "step": DOWNSCALE}
         return {
             "required": {
                 "width": ("INT", {**size, "tooltip": "Image width in pixels, a multiple of 16; the model was trained at 256."}),

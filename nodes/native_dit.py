@@ -13,13 +13,14 @@ import torch
 
 from ..aaa_core.dit import AAADiT, AAADiTConfig
 from ..aaa_core.errors import InputError
-from ..aaa_core.sampling import LATENT_CHANNELS
+from ..aaa_core import defaults
+from ..aaa_core.geometry import LATENT_CHANNELS, image_tokens
 from ..aaa_core.scheduler import NUM_TRAIN_TIMESTEPS, empirical_mu
 
 # The FLUX.2 curve sigma = e^mu / (e^mu + 1/t - 1) at the resolution the model was trained at
 # (256x256: 16x16 latent tokens) and the reference's 30 steps. KSampler's schedulers read their
 # sigmas from this curve; the AAA FLUX.2 Sigmas node gives the exact curve for any size and count.
-DEFAULT_MU = empirical_mu(16 * 16, 30)
+DEFAULT_MU = empirical_mu(image_tokens(defaults.SIZE, defaults.SIZE), defaults.STEPS)
 
 
 class ComfyAAADiT(AAADiT):

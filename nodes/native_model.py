@@ -25,7 +25,7 @@ import torch
 
 from ..aaa_core.dit import AAADiT
 from ..aaa_core.errors import InputError
-from ..aaa_core.geometry import TEXT_TOKENS
+from ..aaa_core.geometry import LATENT_CHANNELS, TEXT_TOKENS
 from ..aaa_core.guards import require_finite
 from ..aaa_core.lora import NATIVE_PREFIX, Update, comfy_tensors
 from . import comfy_bridge as bridge
@@ -41,7 +41,7 @@ _FLOW = getattr(comfy.model_base.ModelType, "FLOW", None)
 class FLUX2LatentFormat(comfy.latent_formats.LatentFormat):
     """FLUX.2 latents for trees that lack ComfyUI's own (no preview colours there)."""
 
-    latent_channels = 128
+    latent_channels = LATENT_CHANNELS
 
 
 class AAADiTModelConfig(comfy.supported_models_base.BASE):

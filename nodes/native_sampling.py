@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..aaa_core.limits import MAX_RESOLUTION, MAX_STEPS, SEED_MAX
-from ..aaa_core.sampling import latent_size
+from ..aaa_core import defaults
+from ..aaa_core.geometry import DOWNSCALE, latent_size
 from ..aaa_core.scheduler import flux2_sigmas
 from .latent import latent_samples
 from .sampling import reference_noise
@@ -42,7 +43,7 @@ class AAAReferenceNoise:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "noise_seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "The seed AAA Sampler would use."}),
+                "noise_seed": ("INT", {"default": defaults.SEED, "min": 0, "max": SEED_MAX, "tooltip": "The seed AAA Sampler would use."}),
             }
         }
 
@@ -64,9 +65,9 @@ class AAAFlux2Sigmas:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "steps": ("INT", {"default": 30, "min": 1, "max": MAX_STEPS, "tooltip": "Sampling steps."}),
-                "width": ("INT", {"default": 256, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image width in pixels (a multiple of 16)."}),
-                "height": ("INT", {"default": 256, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image height in pixels (a multiple of 16)."}),
+                "steps": ("INT", {"default": defaults.STEPS, "min": 1, "max": MAX_STEPS, "tooltip": "Sampling steps."}),
+                "width": ("INT", {"default": defaults.SIZE, "min": DOWNSCALE, "max": MAX_RESOLUTION, "step": DOWNSCALE, "tooltip": f"Image width in pixels (a multiple of {DOWNSCALE})."}),
+                "height": ("INT", {"default": defaults.SIZE, "min": DOWNSCALE, "max": MAX_RESOLUTION, "step": DOWNSCALE, "tooltip": f"Image height in pixels (a multiple of {DOWNSCALE})."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "1.0 starts from pure noise."}),
             }
         }

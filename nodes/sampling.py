@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from ..aaa_core import defaults
 from ..aaa_core.errors import InputError
 from ..aaa_core.limits import MAX_STEPS, SEED_MAX, check_finite, check_int_range
 from ..aaa_core.preflight import check_models_fit
@@ -43,9 +44,9 @@ class AAASampler:
                 "positive": ("CONDITIONING", {"tooltip": "What to draw: AAA Text Encode output."}),
                 "negative": ("CONDITIONING", {"tooltip": "What to steer away from (the reference uses a single space); unused at cfg 1.0."}),
                 "latent_image": ("LATENT", {"tooltip": "Sets size and batch (text-to-image), or the image to start from (denoise below 1.0)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "Noise seed; image i of a batch uses seed + i, as the CLI does."}),
-                "steps": ("INT", {"default": 30, "min": 1, "max": MAX_STEPS, "tooltip": "Euler steps actually run (also with denoise below 1.0)."}),
-                "cfg": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale; 10 is the reference, 1.0 skips the negative pass."}),
+                "seed": ("INT", {"default": defaults.SEED, "min": 0, "max": SEED_MAX, "tooltip": "Noise seed; image i of a batch uses seed + i, as the CLI does."}),
+                "steps": ("INT", {"default": defaults.STEPS, "min": 1, "max": MAX_STEPS, "tooltip": "Euler steps actually run (also with denoise below 1.0)."}),
+                "cfg": ("FLOAT", {"default": defaults.CFG, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale; 10 is the reference, 1.0 skips the negative pass."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1.0 draws from pure noise; lower keeps more of the input latent (image-to-image strength)."}),
             }
         }
