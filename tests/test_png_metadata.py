@@ -71,7 +71,7 @@ def test_embedded_api_prompt_holds_this_runs_values(cli_images):
     prompt = json.loads(chunks(cli_images["t2i"][1])["prompt"])
     nodes = by_class(prompt)
     assert nodes["AAADiTLoader"] == [{"dit_name": "aaa_tiny.safetensors", "weight_dtype": "fp32"}]
-    assert nodes["AAATextEncoderLoader"] == [{"text_encoder_name": "qwen3_tiny.safetensors", "weight_dtype": "fp32"}]
+    assert nodes["AAACLIPLoader"] == [{"text_encoder_name": "qwen3_tiny.safetensors", "weight_dtype": "fp32"}]
     assert nodes["AAAVAELoader"] == [{"vae_name": "flux2_tiny.safetensors", "weight_dtype": "fp32"}]
     assert nodes["AAAEmptyLatentImage"] == [{"width": WIDTH, "height": HEIGHT, "batch_size": 2}]
     sampler = nodes["AAASampler"][0]
