@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import stat
@@ -41,6 +42,20 @@ _EXAMPLE_KEYS = {
     FLUX2_VAE: "decoder.conv_in.weight, bn.running_mean",
     QWEN3: "model.layers.0.self_attn.q_norm.weight",
 }
+
+
+def file_sha256(path: "str | os.PathLike[str]") -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's raw bytes (any dtype, bfloat16 included), for checksums."""
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def identify_model(keys: "Iterator[str] | set[str] | list[str]") -> str | None:
@@ -146,6 +161,14 @@ def read_header(path: "str | os.PathLike[str]") -> tuple[dict[str, TensorInfo], 
         for key in handle.keys():
             tensor = handle.get_slice(key)
             header[key] = TensorInfo(tensor.get_dtype(), tuple(tensor.get_shape()))
+    return header, metadata
+
+
+def check_model_file(path: "str | os.PathLike[str]", kind: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The first check of every model file (loaders, preflight, downloads): its header is readable and
+    holds the model ``kind``. Returns the header and metadata; no tensor data is read."""
+    header, metadata = read_header(path)
+    check_kind(header, kind, path)
     return header, metadata
 
 

@@ -23,6 +23,7 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # the loaders' weight_dtype names
 
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ def resolve_dtype(name: str, device: torch.device, label: str = "dtype") -> torc
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def bf16_is_native(device_type: str) -> bool:
+    """The trainer's "auto": bf16 on CUDA GPUs and on CPUs that compute it natively, fp32 elsewhere."""
+    return device_type == "cuda" or cpu_has_native_bf16()
 
 
 def cpu_has_native_bf16() -> bool:

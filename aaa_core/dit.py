@@ -24,10 +24,9 @@ from .checkpoint import (
     AAADIT,
     TensorInfo,
     adopt_state_dict,
-    check_kind,
+    check_model_file,
     check_state_dict_matches,
     load_checkpoint,
-    read_header,
 )
 from .config_values import json_object, positive_int
 from .errors import ModelFileError
@@ -318,8 +317,7 @@ def empty_dit(
 
 def check_dit_file(path: "str | os.PathLike[str]") -> AAADiTConfig:
     """Checks an AAADiT file from its header alone (kind, metadata, every key and shape); returns its config."""
-    header, metadata = read_header(path)
-    check_kind(header, AAADIT, path)
+    header, metadata = check_model_file(path, AAADIT)
     model = empty_dit(header, metadata, path)
     check_state_dict_matches(model, header, path)
     return model.config

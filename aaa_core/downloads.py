@@ -9,7 +9,6 @@ before it takes its final name, and a bad file already there is reported, not lo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import logging
 import os
@@ -17,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .checkpoint import AAADIT, FLUX2_VAE, QWEN3, check_kind, check_path, read_header
+from .checkpoint import AAADIT, FLUX2_VAE, QWEN3, check_model_file, check_path, file_sha256
 from .errors import ModelFileError, combined, short_reason
 
 log = logging.getLogger(__name__)
@@ -134,17 +133,13 @@ def _problem(source: ModelSource, path: Path) -> str | None:
     any client error is caught here at the cost of reading the header only.
     """
     try:
-        header, _ = read_header(path)
-        check_kind(header, source.kind, path)
+        check_model_file(path, source.kind)
     except ModelFileError as err:
         return str(err).removeprefix(f"{path}: ")
     if source.sha256 is not None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != source.sha256:
-            return f"SHA-256 is {digest.hexdigest()}, expected {source.sha256} (the file is corrupt)"
+        digest = file_sha256(path)
+        if digest != source.sha256:
+            return f"SHA-256 is {digest}, expected {source.sha256} (the file is corrupt)"
     return None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -188,6 +189,17 @@ def atomic_output(path: "str | os.PathLike[str]") -> Iterator[Path]:
     """:func:`atomic_outputs` for one file: yields its temp path."""
     with atomic_outputs([path]) as (temp,):
         yield temp
+
+
+def write_text_atomic(path: "str | os.PathLike[str]", text: str) -> None:
+    """Writes UTF-8 ``text`` to ``path`` through a temp file and a rename: readers never see half of it."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: "str | os.PathLike[str]", value: object, indent: int | None = None) -> None:
+    """:func:`write_text_atomic` of ``value`` as JSON, one trailing newline."""
+    write_text_atomic(path, json.dumps(value, indent=indent) + "\n")
 
 
 def _target_of(err: OSError, folders: list[Path], targets: list[Path]) -> "Path | str":

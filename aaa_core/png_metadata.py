@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import PngImagePlugin
 
+from .devices import SHORT_NAMES
 from .downloads import SOURCES
 from .pipeline import GenerationSettings
 from .sampling import batch_seed
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
 TEXT_TO_IMAGE, IMAGE_TO_IMAGE = "AAADiT text to image", "AAADiT image to image"
-# The loaders' weight_dtype choice that matches the dtype the CLI computed in.
-WEIGHT_DTYPE_CHOICES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +63,7 @@ def provenance(
 
     return Provenance(
         dit=name(dit, "dit"), text_encoder=name(text_encoder, "text_encoder"), vae=name(vae, "vae"),
-        weight_dtype=WEIGHT_DTYPE_CHOICES[dtype], image=Path(image).name if image is not None else None,
+        weight_dtype=SHORT_NAMES[dtype], image=Path(image).name if image is not None else None,
     )
 
 

@@ -26,11 +26,10 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 from .checkpoint import (
     QWEN3,
     adopt_state_dict,
-    check_kind,
+    check_model_file,
     check_path,
     check_state_dict_matches,
     load_checkpoint,
-    read_header,
 )
 from .errors import InputError, ModelFileError, short_reason
 from .geometry import TEXT_TOKENS
@@ -304,8 +303,7 @@ def _text_encoder_files(path: Path) -> tuple[Path, Path, Qwen3Config, object]:
 def check_text_encoder_file(path: "str | os.PathLike[str]") -> int:
     """Checks a Qwen3 text encoder from its config, tokenizer and weights header alone; returns its hidden size."""
     weights, config_file, config, _ = _text_encoder_files(Path(path))
-    header, _ = read_header(weights)
-    check_kind(header, QWEN3, weights)
+    header, _ = check_model_file(weights, QWEN3)
     header = _to_model_keys(header)
     _check_sizes(header, config, config_file, weights)
     check_state_dict_matches(build_empty_model(config), header, weights)

@@ -22,10 +22,9 @@ from .checkpoint import (
     FLUX2_VAE,
     TensorInfo,
     adopt_state_dict,
-    check_kind,
+    check_model_file,
     check_state_dict_matches,
     load_checkpoint,
-    read_header,
 )
 from .errors import InputError, ModelFileError
 
@@ -374,8 +373,7 @@ def empty_vae(state_dict: "Mapping[str, torch.Tensor | TensorInfo]", source: "st
 
 def check_vae_file(path: "str | os.PathLike[str]") -> int:
     """Checks a FLUX.2 VAE file from its header alone (kind, every key and shape); returns its latent channels."""
-    header, _ = read_header(path)
-    check_kind(header, FLUX2_VAE, path)
+    header, _ = check_model_file(path, FLUX2_VAE)
     model = empty_vae(header, path)
     check_state_dict_matches(model, header, path)
     return model.latent_channels

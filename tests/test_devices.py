@@ -9,6 +9,7 @@ import torch
 from aaa_core import devices
 from aaa_core.devices import cpu_has_native_bf16, resolve_device, resolve_dtype
 from aaa_core.errors import InputError
+from training.cache import encoder_dtype_for
 from training.config import TrainConfig
 
 
@@ -58,6 +59,8 @@ def test_cpu_auto_dtype_and_training_precision_follow_native_bf16(detection, nat
     assert TrainConfig(data="x").resolved_precision(use_cuda=False) == precision
     assert TrainConfig(data="x", precision="fp32").resolved_precision(use_cuda=False) == "fp32"  # explicit wins
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert encoder_dtype_for("auto", torch.device("cpu")) == dtype  # the cache follows the same rule
+    assert TrainConfig(data="x").resolved_precision(use_cuda=True) == "bf16"  # any CUDA GPU trains in bf16
 
 
 def test_the_environment_overrides_the_probe_and_bad_values_name_it(detection, monkeypatch):

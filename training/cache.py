@@ -27,9 +27,9 @@ from typing import Callable, Iterator, TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 
-from aaa_core.checkpoint import save_safetensors
-from aaa_core.devices import cpu_has_native_bf16
-from aaa_core.outputs import atomic_output, sweep_temp_files
+from aaa_core.checkpoint import file_sha256, save_safetensors, tensor_bytes
+from aaa_core.devices import DTYPES, bf16_is_native
+from aaa_core.outputs import sweep_temp_files, write_json_atomic
 from aaa_core.errors import InputError, OutputError
 from aaa_core.geometry import LATENT_CHANNELS, TEXT_TOKENS, latent_size
 from aaa_core.text_encoder import encoder_files, load_config
@@ -55,14 +55,6 @@ class CacheStats:
 def content_hash(*parts: object) -> str:
     """The SHA-256 of the parts' text joined by the ASCII unit separator: the cache's keys and fingerprints."""
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FileFacts:
@@ -99,8 +91,8 @@ class FileFacts:
     def save(self) -> None:
         """Writes the memo if anything was added (atomically: readers never see half of it)."""
         if self._changed:
-            with writing_to_cache(self.memo_file), atomic_output(self.memo_file) as tmp:
-                tmp.write_text(json.dumps(self._memo, indent=1), encoding="utf-8")
+            with writing_to_cache(self.memo_file):
+                write_json_atomic(self.memo_file, self._memo, indent=1)
             self._changed = False
 
 
@@ -116,7 +108,7 @@ def writing_to_cache(path: Path) -> Iterator[None]:
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """The SHA-256 of a tensor's raw bytes (any dtype, bfloat16 included)."""
-    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
 
 
 class EncodingCache:
@@ -246,6 +238,6 @@ def encoder_dtype_for(name: str, device: torch.device) -> torch.dtype:
     """Encoder / cache dtype: bf16 as the reference runs both encoders, where the hardware computes it
     (GPUs, CPUs with AVX512-BF16 or AMX); fp32 on other CPUs, where bf16 is emulated and slower."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        return torch.bfloat16 if bf16_is_native(device.type) else torch.float32
+    return DTYPES[name]
 

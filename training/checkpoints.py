@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from aaa_core.checkpoint import check_state_dict_matches, save_safetensors
-from aaa_core.outputs import atomic_output, temp_path_for
+from aaa_core.outputs import temp_path_for
+from aaa_core.devices import DTYPES
 from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
 
@@ -49,7 +50,7 @@ PROGRESS_FILE = "progress.json"  # written last: a state folder without it is no
 # Version of the state folder's layout, in progress.json. 1 (no entry): pickled .pt files, no
 # longer read; 2: safetensors only, with the run id.
 STATE_FORMAT = 2
-SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SAVE_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp32")}
 # Options that change the numbers a resumed run computes; a change is allowed but warned about.
 RESUME_SENSITIVE = (
     "resolution", "buckets", "encoder_dtype", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1",
@@ -331,6 +332,3 @@ def export_weights(state: Path, output: Path, weights: str = "ema", dtype: str =
     return save_weights(tensors, output, config, progress.get("step", 0), weights, SAVE_DTYPES[dtype], progress.get("run_id", ""))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

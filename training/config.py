@@ -17,7 +17,7 @@ from typing import Any
 
 from aaa_core import defaults
 from aaa_core.cli import OneLineParser
-from aaa_core.devices import cpu_has_native_bf16
+from aaa_core.devices import bf16_is_native
 from aaa_core.dit import DEFAULT_PRESET, DIT_PRESETS
 from aaa_core.errors import InputError
 from aaa_core.geometry import DOWNSCALE
@@ -237,7 +237,7 @@ class TrainConfig:
         """``precision`` with auto made concrete: bf16 autocast on GPUs and on CPUs that compute bf16 natively."""
         if self.precision != "auto":
             return self.precision
-        return "bf16" if use_cuda or cpu_has_native_bf16() else "fp32"
+        return "bf16" if bf16_is_native("cuda" if use_cuda else "cpu") else "fp32"
 
     @property
     def global_batch_per_process(self) -> int:

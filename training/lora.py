@@ -26,12 +26,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from aaa_core.checkpoint import read_safetensors, save_safetensors
+from aaa_core.checkpoint import file_sha256, read_safetensors, save_safetensors
 from aaa_core.dit import AAADiT, load_dit
 from aaa_core.errors import InputError
 from aaa_core.lora import LoraPair, kohya_stem, linear_weight_shapes, merge_lora, read_lora, to_kohya
 
-from .cache import file_sha256
 from .sample_grids import side_by_side
 from .state_files import DAMAGED
 

@@ -17,10 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from aaa_core.outputs import is_temp_file, sweep_temp_files
+from aaa_core.outputs import is_temp_file, sweep_temp_files, write_json_atomic
 from aaa_core.errors import InputError
 
-from .checkpoints import list_states, state_run_id, write_text_atomic
+from .checkpoints import list_states, state_run_id
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def claim_output_dir(
         for folder in TEMP_FOLDERS:
             for path in sweep_temp_files(out / folder):
                 log.info("deleted %s (left by an interrupted save)", path)
-        write_text_atomic(out / RUN_FILE, json.dumps({"run_id": run_id or uuid.uuid4().hex}) + "\n")
+        write_json_atomic(out / RUN_FILE, {"run_id": run_id or uuid.uuid4().hex})
     barrier()
     try:
         return json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["run_id"]

@@ -32,10 +32,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from aaa_core.checkpoint import save_safetensors
+from aaa_core.checkpoint import save_safetensors, tensor_bytes
 from aaa_core.errors import InputError
 from aaa_core.geometry import DOWNSCALE
-from aaa_core.outputs import atomic_output
+from aaa_core.outputs import write_json_atomic
 
 INDEX_FILE = "index.json"
 PACK_FORMAT = 1
@@ -68,11 +68,7 @@ class PackIndex:
 
 def row_checksum(latent: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """``(2,)`` int64: the CRC-32 of a sample's latent bytes and of its prompt bytes."""
-    return torch.tensor([zlib.crc32(_bytes_of(latent)), zlib.crc32(_bytes_of(text))], dtype=torch.long)
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return torch.tensor([zlib.crc32(tensor_bytes(latent)), zlib.crc32(tensor_bytes(text))], dtype=torch.long)
 
 
 def rows_per_shard(bytes_per_row: int) -> int:
@@ -98,8 +94,7 @@ def write_index(folder: Path, index: PackIndex) -> None:
         "shards": [dataclasses.asdict(s) for s in index.shards],
         "skipped": [list(s) for s in index.skipped],
     }
-    with atomic_output(folder / INDEX_FILE) as tmp:
-        tmp.write_text(json.dumps(record), encoding="utf-8")
+    write_json_atomic(folder / INDEX_FILE, record)
 
 
 def read_index(folder: Path) -> PackIndex | None:

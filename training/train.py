@@ -51,7 +51,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from aaa_core import downloads
-from aaa_core.outputs import atomic_output
+from aaa_core.outputs import atomic_output, write_text_atomic
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
 from aaa_core.errors import AAAError, InputError, ways_out
 from aaa_core.geometry import LATENT_CHANNELS, image_tokens
@@ -64,7 +64,6 @@ from .caption_dropout import CaptionDropout
 from .cache import CacheStats, EncodingCache, cache_dir_for, encoder_dtype_for
 from .checkpoints import (
     SAVE_DTYPES, find_state, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
-    write_text_atomic,
 )
 from .config import TrainConfig, parse_config
 from .distributed import check_setup, full_state_dict, sampling_model, shard_like
