@@ -21,6 +21,7 @@ import logging
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import comfy.sd
 import torch
 
 from ..aaa_core.errors import InputError
@@ -102,8 +103,6 @@ class Qwen3CondStage(torch.nn.Module):
 
 def native_clip(encoder: Qwen3TextEncoder) -> Any:
     """``encoder`` as a ``comfy.sd.CLIP``, its weights managed by ComfyUI like its own text encoders'."""
-    import comfy.sd  # here, not at the top: the pack's modules import without ComfyUI in the plain node tests
-
     target = SimpleNamespace(
         clip=Qwen3CondStage,
         tokenizer=functools.partial(Qwen3PromptTokenizer, encoder),
