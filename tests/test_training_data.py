@@ -57,7 +57,7 @@ def test_every_image_is_in_exactly_one_bucket_and_batches_keep_to_one(models, da
     samples, _ = find_samples(dataset)
     buckets = parse_buckets(BUCKETS, 32)
     cache = EncodingCache(tmp_path / "cache", models["vae"], models["text_encoder"], 32, torch.float32)
-    plan = plan_data(samples, [], cache, buckets, True, lambda: None)
+    plan = plan_data(samples, [], cache, buckets)
     readable = sorted(str(s.image) for s in samples if s.image.name != "broken.png")
     assert sorted(str(s.image) for s in plan.samples) == readable  # each once; the unreadable header is left out, named
     assert [(s.name, s.reason.split(" (")[0]) for s in plan.unreadable] == [("broken.png", "not a readable image")]

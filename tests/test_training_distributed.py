@@ -25,6 +25,7 @@ from aaa_core.dit import AAADiT, load_dit
 from aaa_core.errors import InputError
 from test_training import REPO, argv, dataset, models  # noqa: F401  (pytest fixtures)
 from training.distributed import check_setup
+from training.processes import Processes
 from training.run_folder import claim_output_dir
 from training.state_files import load_tree
 
@@ -159,5 +160,5 @@ def test_an_output_dir_that_another_machine_does_not_share_is_named(tmp_path):
     """A process other than the main one that does not see run.json (its machine's own disk) stops with one line."""
     with pytest.raises(InputError, match=r"does not see the run.json that the main process wrote there; with several "
                                          r"machines, --output-dir must be on a disk all of them share$"):
-        claim_output_dir(tmp_path / "local", None, overwrite=False, is_main=False)
-    assert claim_output_dir(tmp_path / "shared", None, overwrite=False, is_main=True)  # the main process's own id
+        claim_output_dir(tmp_path / "local", None, overwrite=False, processes=Processes(rank=1, world_size=2))
+    assert claim_output_dir(tmp_path / "shared", None, overwrite=False, processes=Processes())  # the main process's own id

@@ -22,6 +22,7 @@ loadable file (for example the raw weights of an EMA run).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -41,6 +42,8 @@ from aaa_core.dit import CONFIG_METADATA_KEY, AAADiTConfig
 from aaa_core.errors import AAAError, InputError
 
 from .distributed import full_optimizer_state, full_state_dict, load_full_state_dict, load_optimizer_state
+from .lora import LoraRun
+from .processes import Processes
 from .state_files import DAMAGED, load_tree, read_state_tensors, save_tree
 
 log = logging.getLogger(__name__)
@@ -116,28 +119,27 @@ def save_state(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: dict[str, Any],
     keep: int,
-    rank: int = 0,
-    barrier: Callable[[], None] = lambda: None,
+    processes: Processes = Processes(),
 ) -> Path:
     """Writes a complete training state (called on every process), then keeps this run's newest ``keep``.
 
     ``progress`` must hold the ``run_id``: pruning and replacing touch only that run's states.
     Sharded (FSDP) weights and moments are gathered from every process and written full by rank 0.
     """
-    run_id = progress["run_id"]
+    run_id, main, barrier = progress["run_id"], processes.is_main, processes.barrier
     final = states_dir / f"step-{step:06d}"
     tmp = temp_path_for(final, shared=True)  # the same name on every process; is_temp_file() knows it
     if final.exists() and state_run_id(final) != run_id:  # checked on every process, so all stop together
         raise InputError(f"{final}: belongs to another run; not replacing it (start this run in another --output-dir)")
-    if rank == 0:
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
         tmp.mkdir(parents=True)
     barrier()
-    save_tree(_rng_state(), tmp / f"rng-rank{rank}.safetensors")
-    weights = full_state_dict(model, keep=rank == 0)
-    ema_weights = full_state_dict(ema, keep=rank == 0) if ema is not None else None
-    optimizer_state = full_optimizer_state(optimizer, keep=rank == 0)
-    if rank == 0:
+    save_tree(_rng_state(), tmp / f"rng-rank{processes.rank}.safetensors")
+    weights = full_state_dict(model, keep=main)
+    ema_weights = full_state_dict(ema, keep=main) if ema is not None else None
+    optimizer_state = full_optimizer_state(optimizer, keep=main)
+    if main:
         save_safetensors(weights, tmp / "model.safetensors")
         if ema_weights is not None:
             save_safetensors(ema_weights, tmp / "ema.safetensors")
@@ -146,7 +148,7 @@ def save_state(
         record = {"state_format": STATE_FORMAT, **progress}
         (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     barrier()
-    if rank == 0:
+    if main:
         if final.exists():  # the same step saved before (a resumed run re-saving): replace it
             shutil.rmtree(final)
         tmp.rename(final)
@@ -154,6 +156,63 @@ def save_state(
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+class RunSaver:
+    """Saves a run at a step: the training state first, then the checkpoint (its loadable weights).
+
+    The state first: a run killed between the two leaves a state whose checkpoint ``--resume``
+    writes (:meth:`write_missing_checkpoint`), never a checkpoint that no state continues.
+    Call on every process (FSDP gathers the weights from all of them); the main process writes.
+    """
+
+    def __init__(self, out: Path, run_id: str, cfg: Any, trained: torch.nn.Module, ema: torch.nn.Module | None,
+                 optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 model_config: AAADiTConfig, lora: LoraRun | None, data_fingerprint: str, processes: Processes):
+        self.out, self.run_id, self.cfg, self.trained, self.ema = out, run_id, cfg, trained, ema
+        self.optimizer, self.lr_scheduler, self.model_config, self.lora = optimizer, lr_scheduler, model_config, lora
+        self.data_fingerprint, self.processes = data_fingerprint, processes
+        self.run_name = out.resolve().name
+        # What the newest save of this run wrote (the checkpoint's path on the main process only).
+        self.saved_step: int | None = None
+        self.saved_checkpoint: Path | None = None
+        self.saved_state: Path | None = None
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"{self.run_name}{'-lora' if self.lora else ''}-step-{step:06d}.safetensors"
+
+    def checkpoint(self, step: int) -> Path | None:
+        """The loadable weights of ``step``: the EMA if there is one (the path on the main process, else None)."""
+        weights, kind = (self.ema, "ema") if self.ema is not None else (self.trained, "raw")
+        is_main, dtype = self.processes.is_main, SAVE_DTYPES[self.cfg.save_dtype]
+        full_weights = full_state_dict(weights, keep=is_main)  # gathered from every process under FSDP
+        checkpoint = self.checkpoint_path(step)
+        if is_main and self.lora:
+            self.lora.save(weights, checkpoint, step, kind, dtype, self.run_id)
+        elif is_main:
+            save_weights(full_weights, checkpoint, self.model_config, step, kind, dtype, self.run_id)
+        return checkpoint if is_main else None
+
+    def resumed_at(self, step: int) -> None:
+        """Records the resumed state of ``step`` as saved, and writes its checkpoint if the run stopped before that."""
+        self.saved_step = step
+        if not self.checkpoint_path(step).exists():  # every process asks before the main one writes
+            log.info("writing the checkpoint of step %d, which the run stopped before writing", step)
+            self.checkpoint(step)
+
+    def save(self, step: int) -> None:
+        """The state, then the checkpoint of ``step``; keeps the newest ``--keep-states`` states of this run."""
+        log.info("step %d: saving the training state and the weights", step)
+        progress = {
+            "run_id": self.run_id, "step": step, "model_config": self.model_config.to_json(),
+            "config": dataclasses.asdict(self.cfg), "data_fingerprint": self.data_fingerprint,
+            "world_size": self.processes.world_size, "lora": self.lora.settings if self.lora else None,
+        }
+        state_dir = save_state(self.out / "states", step, self.trained, self.ema, self.optimizer, self.lr_scheduler,
+                               progress, self.cfg.keep_states, self.processes)
+        checkpoint = self.checkpoint(step)
+        log.info("step %d: saved %s and %s", step, state_dir, checkpoint or "weights")
+        self.saved_step, self.saved_checkpoint, self.saved_state = step, checkpoint, state_dir
 
 
 def list_states(states_dir: Path) -> list[Path]:

@@ -17,9 +17,10 @@ every process the whole float32 model that FSDP is there to spread out.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +31,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from aaa_core.dit import AAADiT, AAADiTConfig
 from aaa_core.errors import InputError
+
+from .processes import Processes
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,20 @@ def sampling_model(module: nn.Module, config: AAADiTConfig, keep: bool) -> nn.Mo
     return full.eval().requires_grad_(False)
 
 
-def main_value(accelerator: Accelerator, value: int) -> int:
+def processes_of(accelerator: Accelerator, stop_requested: Callable[[], bool]) -> Processes:
+    """The launched processes as accelerate sees them, with this process's stop flag."""
+    return Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone, stop_requested,
+                     any_true=functools.partial(_any_true, accelerator), main_value=functools.partial(_main_value, accelerator))
+
+
+def _any_true(accelerator: Accelerator, flag: bool) -> bool:
+    """``flag`` or-ed across the processes (a reduction: call on every process)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
+
+
+def _main_value(accelerator: Accelerator, value: int) -> int:
     """The main process's ``value`` on every process (a broadcast: call on every process)."""
     if accelerator.num_processes == 1:
         return value

@@ -35,6 +35,7 @@ from .cache import CacheStats, EncodingCache, FileFacts, content_hash, writing_t
 from .encoding import FilledCache, LatentEntry, fill_cache
 from .memory import available_memory, processes_on_this_machine
 from .pairs import Sample, Skipped
+from .processes import Processes
 from .shards import (
     INDEX_FILE, PackIndex, ShardInfo, ShardReader, chunks, read_index, rows_per_shard, rows_source, shard_name, write_index,
     write_shard,
@@ -87,7 +88,7 @@ class DataPlan:
 
 def plan_data(
     samples: list[Sample], extra_prompts: list[str], cache: EncodingCache, buckets: list[Bucket],
-    is_main: bool, barrier: Callable[[], None],
+    processes: Processes = Processes(),
 ) -> DataPlan:
     """Keys each sample; the main process hashes (and measures) new images first, the others then reuse its memo.
 
@@ -106,14 +107,14 @@ def plan_data(
                     chosen[i] = assign_bucket(*facts.get(sample.image, "pixels", measure, _is_size), buckets)
                 except InputError as err:
                     chosen[i], failures[i] = None, str(err).removeprefix(f"{sample.image}: ")
-        if is_main:
+        if processes.is_main:
             facts.save()
         return shas, chosen, failures
 
-    if is_main:
+    if processes.is_main:
         shas, chosen, failures = facts_of_all()
-    barrier()
-    if not is_main:
+    processes.barrier()
+    if not processes.is_main:
         shas, chosen, failures = facts_of_all()
     order = sorted((i for i in range(len(samples)) if chosen[i] is not None), key=lambda i: chosen[i])  # stable
     sizes = [(bucket.width, bucket.height) for bucket in buckets]
@@ -249,10 +250,7 @@ class Loading:
     on_device: bool  # in memory: move to the GPU when it fits there
     workers: int
     encode_batch_size: int
-    rank: int = 0
-    world_size: int = 1
-    barrier: Callable[[], None] = lambda: None
-    should_stop: Callable[[], bool] = lambda: False
+    processes: Processes = Processes()
 
 
 def load_training_data(
@@ -267,8 +265,7 @@ def load_training_data(
                  "held in memory" if mode == "memory" else "packed into shards on disk", needed / 1e9, available / 1e9)
     fill = functools.partial(  # fill(entries, prompts, keep=...): the same pass for either holder
         fill_cache, cache=cache, vae_path=vae_path, text_encoder_path=text_encoder_path, device=how.device,
-        batch_size=how.encode_batch_size, rank=how.rank, world_size=how.world_size, barrier=how.barrier,
-        should_stop=how.should_stop)
+        batch_size=how.encode_batch_size, processes=how.processes)
     if mode == "memory":
         data, skipped = _in_memory(plan, fill(plan.latent_entries(), plan.prompts(), keep=True), cache, how)
     else:
@@ -370,21 +367,22 @@ def _write_pack(plan: DataPlan, used: list[int], left_out: list[tuple[str, str]]
         for number, part in enumerate(chunks(len(members), rows)):
             jobs.append([members[j] for j in part])
             shards.append(ShardInfo(shard_name(plan.buckets[bucket], number), bucket, len(part), _shard_source(plan, jobs[-1])))
-    if how.rank == 0:
+    processes = how.processes
+    if processes.is_main:
         log.info("packing %d samples into %d shard(s) in %s", len(used), len(shards), folder)
-    for shard, members in list(zip(shards, jobs))[how.rank :: how.world_size]:
-        if how.should_stop():
+    for shard, members in list(zip(shards, jobs))[processes.rank :: processes.world_size]:
+        if processes.stop_requested():
             raise KeyboardInterrupt("stopped while packing the data set; run the same command again to go on")
         size = plan.buckets[shard.bucket]
         latents = [_entry(cache, "latents", plan.latent_keys[i], str(plan.samples[i].image), size) for i in members]
         texts = [_entry(cache, "text", plan.text_keys[i], plan.samples[i].caption) for i in members]
         with writing_to_cache(folder / shard.file):
             write_shard(folder / shard.file, latents, texts, shard.source)
-    how.barrier()
-    if how.rank == 0:
+    processes.barrier()
+    if processes.is_main:
         with writing_to_cache(folder / INDEX_FILE):
             write_index(folder, PackIndex(plan.pack_id(), plan.buckets, shards, left_out))
-    how.barrier()
+    processes.barrier()
 
 
 def _entry(cache: EncodingCache, kind: str, key: str, source: str, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from itertools import groupby
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Collection
 
 import torch
 
@@ -22,6 +22,7 @@ from aaa_core.vae import load_vae
 
 from .cache import CacheStats, EncodingCache
 from .pairs import load_image
+from .processes import Processes
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,7 @@ def fill_cache(
     text_encoder_path: Path,
     device: torch.device,
     batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    barrier: Callable[[], None] = lambda: None,
-    should_stop: Callable[[], bool] = lambda: False,
+    processes: Processes = Processes(),
     keep: bool = True,
     keep_prompts: Collection[str] = (),
 ) -> FilledCache:
@@ -73,7 +71,7 @@ def fill_cache(
     the data set (the packed path reads the entries once more while writing its shards); the
     prompt keys in ``keep_prompts`` (the sample grids') are held either way.
     """
-    stats, main = CacheStats(), rank == 0
+    stats, main, rank, world_size = CacheStats(), processes.is_main, processes.rank, processes.world_size
     if main:
         for left_over in cache.sweep_temp_files():
             log.info("deleted %s (left by an interrupted encoding)", left_over)
@@ -98,10 +96,10 @@ def fill_cache(
     if main:
         log.info("cache %s: %d of %d images and %d of %d prompts to encode",
                  cache.root, len(missing_images), len(entries), len(missing_prompts), len(prompts))
-    barrier()  # every process has checked the entries before any is rewritten
-    failures = _encode_images(missing_images[rank::world_size], cache, vae_path, device, batch_size, stats, main, should_stop)
-    _encode_prompts(missing_prompts[rank::world_size], cache, text_encoder_path, device, batch_size, stats, main, should_stop)
-    barrier()  # every share is on disk before anyone reads
+    processes.barrier()  # every process has checked the entries before any is rewritten
+    failures = _encode_images(missing_images[rank::world_size], cache, vae_path, device, batch_size, stats, main, processes.stop_requested)
+    _encode_prompts(missing_prompts[rank::world_size], cache, text_encoder_path, device, batch_size, stats, main, processes.stop_requested)
+    processes.barrier()  # every share is on disk before anyone reads
     missing_keys = {entry.key for entry in missing_images if not read_latent(entry)}  # written by any process, or unreadable
     if any(not read_text(prompt, key) for prompt, key in missing_prompts):
         shared = " (with several machines, the cache must be on a disk all of them share: --cache-dir)" if world_size > 1 else ""

@@ -1,12 +1,17 @@
-"""Throughput and MFU arithmetic, the run's log file, and TensorBoard logging that degrades to a warning when it is missing."""
+"""Throughput and MFU arithmetic, the log window of the training loop, the run's log file, and TensorBoard logging
+that degrades to a warning when it is missing."""
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+
+from .progress import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,63 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class LogWindow:
+    """Loss, throughput and MFU over the steps since the last log line, and the heartbeat between lines.
+
+    The clock restarts after every pause that is not training (sample grids, validation, saving),
+    so steps/s and MFU measure the training steps alone.
+    """
+
+    def __init__(self, heartbeat: Heartbeat, tensorboard: TensorBoard, reduce: Callable[[torch.Tensor, str], torch.Tensor],
+                 device: torch.device, samples_per_step: int, flops_per_step: float, peak: float | None, is_main: bool):
+        self.heartbeat, self.tensorboard, self.reduce = heartbeat, tensorboard, reduce
+        self.samples_per_step, self.flops_per_step, self.peak, self.is_main = samples_per_step, flops_per_step, peak, is_main
+        self.loss_sum, self.loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        self.losses: list[tuple[int, float]] = []  # (step, mean loss of the window), for TrainSummary
+        self.restart()
+
+    def restart(self) -> None:
+        """Starts the clock again (after a pause that is not training)."""
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """One micro-step's loss."""
+        self.loss_sum += loss.detach()
+        self.loss_count += 1
+
+    def stepped(self) -> None:
+        """One optimizer step done."""
+        self.steps += 1
+
+    def log(self, step: int, total_steps: int, lr: float, epoch: float, grad_norm: torch.Tensor | None, bar: Any) -> None:
+        """The log line of ``step`` (every process: the loss is averaged across them), then a new window."""
+        mean_loss = self.reduce(self.loss_sum / self.loss_count, "mean").item()  # also syncs the GPU for timing
+        steps_per_s = self.steps / (time.perf_counter() - self.start)
+        scalars = {
+            "train/loss": mean_loss, "train/lr": lr, "train/epoch": epoch,
+            "perf/steps_per_s": steps_per_s, "perf/images_per_s": steps_per_s * self.samples_per_step,
+        }
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        if self.peak:
+            scalars["perf/mfu"] = self.flops_per_step * steps_per_s / self.peak
+        self.tensorboard.scalars(scalars, step)
+        self.losses.append((step, mean_loss))
+        mfu = f" | MFU {100 * scalars['perf/mfu']:.1f}%" if self.peak else ""
+        log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.2f steps/s | %.1f img/s%s", step, total_steps,
+                 epoch, mean_loss, lr, steps_per_s, scalars["perf/images_per_s"], mfu)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", steps_s=f"{steps_per_s:.2f}")
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        self.restart()
+        self.heartbeat.logged()
+
+    def heartbeat_if_due(self, step: int) -> None:
+        """A progress line between log lines when a step is long or --log-every large: never silent for long."""
+        if self.is_main and self.heartbeat.due():
+            log.info("%s", self.heartbeat.line(step, (self.loss_sum / self.loss_count).item()))
 
 
 LOGGERS = ("training", "aaa_core")  # what train.log records

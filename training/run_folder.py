@@ -18,12 +18,12 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
 
 from aaa_core.errors import InputError, OutputError
 from aaa_core.outputs import check_writable, is_temp_file, sweep_temp_files, write_json_atomic
 
 from .checkpoints import STATE_PATTERN, find_state, list_states, read_progress, state_run_id
+from .processes import Processes
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def claim_output_dir(
     out: Path,
     run_id: str | None,
     overwrite: bool,
-    is_main: bool,
-    barrier: Callable[[], None] = lambda: None,
+    processes: Processes = Processes(),
 ) -> str:
     """Makes ``out`` the folder of run ``run_id`` (a resumed run) or of a new run (``None``); returns the id.
 
@@ -98,15 +97,15 @@ def claim_output_dir(
             f"{previous[-1].relative_to(out)}); continue that run with --resume, start this one in another "
             "--output-dir, or pass --overwrite to delete that run's outputs and start afresh"
         )
-    barrier()
-    if is_main:
+    processes.barrier()
+    if processes.is_main:
         if overwrite:
             _delete_previous_run(out)
         for folder in TEMP_FOLDERS:
             for path in sweep_temp_files(out / folder):
                 log.info("deleted %s (left by an interrupted save)", path)
         write_json_atomic(out / RUN_FILE, {"run_id": run_id or uuid.uuid4().hex})
-    barrier()
+    processes.barrier()
     try:
         return json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
     except FileNotFoundError:  # only ever on another process than the main one, which has just written it

@@ -18,9 +18,11 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from aaa_core.errors import InputError
+
+from .processes import Processes
 
 try:
     import fcntl
@@ -89,20 +91,20 @@ class RunLock:
             _delete_quietly(self.path)
 
 
-def lock_output_dir(out: Path, is_main: bool, from_main: Callable[[int], int]) -> RunLock | None:
+def lock_output_dir(out: Path, processes: Processes) -> RunLock | None:
     """Creates ``out`` and locks it for this run (main process); every process refuses if another trainer holds it.
 
-    ``from_main`` hands every process the main process's value (a broadcast). Returns the lock on
+    ``processes.main_value`` hands every process the main process's value (a broadcast). Returns the lock on
     the main process, None on the others.
     """
     lock, holder = None, FREE
-    if is_main:
+    if processes.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise InputError(f"{out}: cannot be the output folder ({err.strerror or err}); pick another --output-dir") from None
         lock, holder = RunLock.try_acquire(out)
-    holder = from_main(holder)
+    holder = processes.main_value(holder)
     if holder != FREE:
         raise InputError(f"{out}: another trainer is running in this folder ({describe(holder)} holds {LOCK_FILE}); "
                          "wait for it to end, or start this run in another --output-dir")

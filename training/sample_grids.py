@@ -4,26 +4,37 @@ Sampling is ``aaa_core.sampling.sample`` (the reference's Euler sampler with CFG
 docs/diffsynth-aaa.md) followed by a VAE decode; prompt ``i`` always uses noise seed ``seed + i``,
 and the wide and tall images of a bucketed run show prompt 0 with seed ``seed``.
 The prompt embeddings come from the cache, so the text encoder is never loaded for this.
+``SampleGrids`` is the trainer's sample step: one grid every ``--sample-every`` steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
+from aaa_core.dit import AAADiTConfig
 from aaa_core.errors import ComputeError
+from aaa_core.outputs import atomic_output
 from aaa_core.pipeline import decode_latents
 from aaa_core.sampling import make_noise, sample
 from aaa_core.images import tensor_to_pil
-from aaa_core.vae import Flux2VAE
+from aaa_core.vae import Flux2VAE, load_vae
 
+from .buckets import Bucket, wide_and_tall
+from .distributed import sampling_model
+from .metrics import TensorBoard
+from .processes import Processes
 from .progress import Progress
+
+if TYPE_CHECKING:  # lora.py imports this module (side_by_side)
+    from .lora import LoraRun
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +92,43 @@ def render_grid(
         model.train(was_training)
     grid = tile(rendered[0])
     return with_row_below(grid, [images[0] for images in rendered[1:]]) if extra_sizes else grid
+
+
+class SampleGrids:
+    """The trainer's sample step: the grid of the fixed prompts, saved as samples/step-NNNNNN.png and to TensorBoard.
+
+    The main process renders; under FSDP every process first helps gather the weights. The VAE
+    decoder is loaded at the first grid.
+    """
+
+    def __init__(self, cfg: Any, out: Path, prompts: list[str], prompt_embeds: dict[str, torch.Tensor], buckets: list[Bucket],
+                 vae_path: Path, vae_dtype: torch.dtype, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
+                 lora: LoraRun | None, tensorboard: TensorBoard, processes: Processes):
+        self.cfg, self.out, self.vae_path, self.vae_dtype, self.device, self.autocast = cfg, out, vae_path, vae_dtype, device, autocast
+        self.lora, self.tensorboard, self.processes, self.vae = lora, tensorboard, processes, None
+        if processes.is_main and cfg.sample_every:
+            self.prompts = torch.stack([prompt_embeds[p] for p in prompts])
+            self.negative = prompt_embeds[cfg.negative_prompt]
+            self.extra_sizes = wide_and_tall(buckets)  # one prompt at the widest and the tallest bucket too
+            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, lora is not None, self.extra_sizes)
+
+    def __call__(self, step: int, weights: torch.nn.Module, config: AAADiTConfig) -> None:
+        """Renders and saves the grid of ``step`` with ``weights`` (call on every process)."""
+        is_main, cfg = self.processes.is_main, self.cfg
+        sampled = sampling_model(weights, config, keep=is_main)
+        if is_main:
+            if self.vae is None:
+                self.vae = load_vae(self.vae_path, dtype=self.vae_dtype, device=self.device)
+            render = functools.partial(
+                render_grid, vae=self.vae, prompts=self.prompts, negative=self.negative, resolution=cfg.resolution,
+                steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.sample_seed, extra_sizes=self.extra_sizes,
+                autocast=self.autocast, should_stop=self.processes.stop_requested)
+            grid = self.lora.sample_grid(render, sampled) if self.lora else render(sampled)
+            if grid is not None:
+                with atomic_output(self.out / "samples" / f"step-{step:06d}.png") as tmp:
+                    grid.save(tmp, format="PNG")
+                self.tensorboard.image("samples", grid, step)
+        self.processes.barrier()
 
 
 class _Stopped(Exception):

@@ -35,13 +35,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
 import math
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +50,20 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from aaa_core import downloads
-from aaa_core.outputs import atomic_output, write_text_atomic
+from aaa_core.outputs import write_text_atomic
 from aaa_core.dit import AAADiT, AAADiTConfig, load_dit
 from aaa_core.errors import AAAError, InputError, ways_out
 from aaa_core.geometry import LATENT_CHANNELS, image_tokens
 from aaa_core.scheduler import TrainingSchedule
-from aaa_core.vae import load_vae
 
 from .batches import BatchOrder
-from .buckets import parse_buckets, wide_and_tall
+from .buckets import Bucket, parse_buckets
 from .caption_dropout import CaptionDropout
 from .cache import CacheStats, EncodingCache, cache_dir_for, encoder_dtype_for
-from .checkpoints import (
-    SAVE_DTYPES, load_state, read_progress, save_state, save_weights, state_model_config, warn_on_changes,
-)
+from .checkpoints import RunSaver, load_state, read_progress, state_model_config, warn_on_changes
 from .config import TrainConfig, parse_config
-from .distributed import check_setup, full_state_dict, main_value, sampling_model, shard_like
-from .encoded_data import Loading, load_training_data, plan_data
+from .distributed import check_setup, processes_of, shard_like
+from .encoded_data import InMemoryData, Loading, TrainingData, load_training_data, plan_data
 from .interrupt import StopRequest
 from .lora import LoraRun, check_state_kind
 from .lr_schedule import LrSchedule
@@ -76,11 +71,12 @@ from .progress import Heartbeat
 from .validation import Validation, hold_out, run_validation, without_held_out_images
 from .loss import draw_noise, flow_matching_loss, step_generator
 from .memory import check_model_fits
-from .metrics import TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
-from .pairs import Skipped, find_samples, report_skipped
+from .metrics import LogWindow, TensorBoard, log_to_file, peak_flops, stop_logging_to_file, training_flops_per_sample
+from .pairs import Sample, Skipped, find_samples, report_skipped
+from .processes import Processes
 from .run_folder import check_output_dir, claim_output_dir, run_to_continue
 from .run_lock import lock_output_dir
-from .sample_grids import render_grid, write_prompt_list
+from .sample_grids import SampleGrids
 
 log = logging.getLogger("training")
 # The option that passes each model file (downloads.SOURCES keys), for the way out of a missing or bad download.
@@ -102,94 +98,51 @@ class TrainSummary:
 
 def train(cfg: TrainConfig) -> TrainSummary:
     # ---------------------------------------------------------------- set-up
-    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    precision = cfg.resolved_precision(use_cuda)
-    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if precision == "bf16" else "no")
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if device.type == "cpu":
-        device = torch.device("cpu")  # several CPU processes get "cpu:0", which safetensors does not accept
-    is_main, barrier = accelerator.is_main_process, accelerator.wait_for_everyone  # global main: OUTPUT_DIR is shared
-    check_setup(accelerator, lora=bool(cfg.lora_rank))
+    accelerator, device, precision = _accelerator(cfg)
     compute_dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     encoder_dtype = encoder_dtype_for(cfg.encoder_dtype, device)
-    if use_cuda:
-        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
     if not (cfg.resume or cfg.init_from):  # the sizes are the options' (else a file's, which was trained at that size)
-        sizes = AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=1)  # a lower bound
-        fsdp = accelerator.distributed_type == DistributedType.FSDP
-        check_model_fits(sizes, compute_dtype, cfg.ema_decay > 0, device, world if fsdp else 1)
+        _check_memory(cfg, accelerator, compute_dtype, device)
 
     out = Path(cfg.output_dir).expanduser()
     stop = StopRequest().install()  # first Ctrl-C / SIGTERM: finish the step, save, exit
+    processes = processes_of(accelerator, stop)
     lock = log_file = None
     try:
         # The data, the model files and the output folder are checked before that folder is created or written.
         samples, skipped = find_samples(cfg.data)
         samples, held_out, skipped_held_out = hold_out(samples, cfg.validation_split, cfg.validation_data)
         skipped += skipped_held_out
-        with accelerator.main_process_first():  # one download, then the others reuse it
-            wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
-            if cfg.init_from:
-                wanted["dit"] = None if cfg.init_from == "published" else cfg.init_from
-            files = downloads.resolve_model_files(wanted, cfg.model_dir or None)  # every missing file in one error
-        vae_path, text_encoder_path, init_path = files["vae"], files["text_encoder"], files.get("dit")
+        vae_path, text_encoder_path, init_path = _model_files(cfg, accelerator)
         check_output_dir(out)
         # No other trainer in this folder until the run ends; then which state to continue and which run owns it.
-        lock = lock_output_dir(out, is_main, functools.partial(main_value, accelerator))
+        lock = lock_output_dir(out, processes)
         state, resumed_run = run_to_continue(out, cfg.resume)
-        run_id = claim_output_dir(out, resumed_run, cfg.overwrite, is_main, barrier)
-        log_file = log_to_file(out / "train.log", is_main)
-        log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, world, device, precision, encoder_dtype)
+        run_id = claim_output_dir(out, resumed_run, cfg.overwrite, processes)
+        log_file = log_to_file(out / "train.log", processes.is_main)
+        log.info("run %s: %d process(es) on %s, precision %s, encoders in %s", out, processes.world_size, device, precision,
+                 encoder_dtype)
 
         # ------------------------------------------------------------ data
         with accelerator.main_process_first():  # one model-file hash, then the others reuse it
             cache = EncodingCache(cache_dir_for(out, cfg.cache_dir), vae_path, text_encoder_path, cfg.resolution, encoder_dtype)
         prompts = cfg.validation_prompts or list(dict.fromkeys(s.caption for s in samples))[: cfg.num_validation_prompts]
         buckets = parse_buckets(cfg.buckets, cfg.resolution)
-        # The sample prompts are cached too (sampling never loads Qwen3), and the negative one for caption dropout.
-        extra_prompts = (prompts if cfg.sample_every else []) + ([cfg.negative_prompt] if cfg.sample_every or cfg.caption_dropout else [])
-        plan = plan_data(samples, extra_prompts, cache, buckets, is_main, barrier)
-        held_out_plan = plan_data(held_out, [], cache, buckets, is_main, barrier) if held_out and cfg.validate_every else None
-        plan = without_held_out_images(plan, held_out_plan) if held_out_plan else plan
-        loading = Loading(cfg.data_loading, device, cfg.cache_on_device, cfg.data_workers, cfg.encode_batch_size,
-                          rank, world, barrier, stop)
-        data, unreadable = load_training_data(plan, cache, vae_path, text_encoder_path, loading)
-        if held_out_plan:  # small: always held in memory
-            held_out_data, unreadable_held_out = load_training_data(held_out_plan, cache, vae_path, text_encoder_path,
-                                                                    dataclasses.replace(loading, mode="memory"))
-            unreadable += unreadable_held_out
-        skipped += unreadable
-        if is_main:
-            report_skipped(skipped, len(samples) + len(held_out) + len(skipped) - len(unreadable))
+        data, held_out_data, skipped = _load_data(cfg, samples, held_out, skipped, prompts, cache, buckets, vae_path,
+                                                  text_encoder_path, device, processes)
         text_tokens, text_dim = data.text_shape
         log.info("data: %d samples (%s), prompts %dx%d, %s", len(data), data.bucket_counts(), text_tokens, text_dim, data.describe())
 
         # ------------------------------------------------------------ model
         if cfg.resume and state is None:
             log.info("--resume: no saved state in %s yet; starting from the beginning", out / "states")
-        torch.manual_seed(cfg.seed)  # the same initial weights on every process
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        if state is not None and not cfg.lora_rank:  # sizes from the state; the weights are loaded below
-            model = AAADiT(state_model_config(state))
-            cfg = cfg.with_sizes_of(model.config, state)
-        elif cfg.init_from:
-            model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
-            log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
-            cfg = cfg.with_sizes_of(model.config, init_path)
-        else:
-            model = AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=text_dim))
-        if is_main:  # what runs, now that the sizes are decided
+        model, cfg = _build_model(cfg, state, init_path, text_dim)
+        if processes.is_main:  # what runs, now that the sizes are decided
             write_text_atomic(out / "config.toml", cfg.to_toml())
-        if (model.config.latent_channels, model.config.text_dim) != (LATENT_CHANNELS, text_dim):
-            raise InputError(
-                f"the DiT takes {model.config.latent_channels}-channel latents and {model.config.text_dim}-wide prompts, "
-                f"but the encoders give {LATENT_CHANNELS} and {text_dim}"
-            )
+        _check_encoders_fit(model.config, text_dim)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         model.to(device=device, dtype=compute_dtype)
-        num_params = sum(p.numel() for p in model.parameters())
-        log.info("AAADiT %s: %.1fM parameters", model.config, num_params / 1e6)
+        log.info("AAADiT %s: %.1fM parameters", model.config, sum(p.numel() for p in model.parameters()) / 1e6)
         lora = LoraRun(model, init_path, cache.model_sha256(init_path), cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                        bool(cfg.sample_every)) if cfg.lora_rank else None
         trained = lora.adapters if lora else model  # what the optimizer, the EMA and the states hold
@@ -200,18 +153,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
         ema = copy.deepcopy(trained).float().eval().requires_grad_(False) if cfg.ema_decay > 0 else None
 
         # ------------------------------------------------------------ optimizer
-        optimizer = torch.optim.AdamW(
-            trained.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay, fused=use_cuda,
-        )
-
-        samples_per_step = cfg.batch_size * cfg.grad_accum * world
+        samples_per_step = cfg.batch_size * cfg.grad_accum * processes.world_size
         total_steps = _total_steps(cfg, len(data), samples_per_step)
-        lr_schedule = LrSchedule(cfg.lr, cfg.warmup, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr, total_steps)
-        log.info("%s", lr_schedule.describe())
-        # Stepped once per optimizer step by us (not passed to accelerate, which would step it once per process).
-        # A lambda, which the scheduler's state leaves out: the rate comes from the step alone.
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_schedule.factor(step))
+        optimizer, lr_scheduler = _optimizer(cfg, trained, total_steps, fused=device.type == "cuda")
         if cfg.compile:
             for block in model.blocks:
                 block.compile()
@@ -221,93 +165,42 @@ def train(cfg: TrainConfig) -> TrainSummary:
         ema = shard_like(ema, trained)  # under FSDP each process averages its own slices
 
         # ------------------------------------------------------------ resume
-        step = 0
-        if state is not None:
-            check_state_kind(read_progress(state), state, lora.settings if lora else None)
-            progress = load_state(state, trained, ema, optimizer, lr_scheduler, rank)
-            step = progress["step"]
-            warn_on_changes(progress, cfg, data.fingerprint, world, state)
-            log.info("resumed from %s at step %d", state, step)
+        step = 0 if state is None else _resume(state, cfg, trained, ema, optimizer, lr_scheduler, lora, data.fingerprint, processes)
 
         # ------------------------------------------------------------ loop
-        schedule = TrainingSchedule.flux2()
-        # On the device once: indexing a CPU table every step would copy it over and sync the GPU.
-        schedule = dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
-        order = BatchOrder(data.bucket_ids, cfg.batch_size, rank, world, cfg.seed, data.bucket_ids.device)
-        validation = held_out_plan and Validation(held_out_data, cfg.batch_size, rank, world, schedule,
-                                                  cfg.reference_timesteps, compute_dtype, device)
-        drop_captions = CaptionDropout(cfg.caption_dropout, data.extra_prompts.get(cfg.negative_prompt), cfg.seed, rank)
+        schedule = _schedule_on(device)
+        order = BatchOrder(data.bucket_ids, cfg.batch_size, processes.rank, processes.world_size, cfg.seed, data.bucket_ids.device)
+        validation = held_out_data is not None and Validation(held_out_data, cfg.batch_size, processes, schedule,
+                                                              cfg.reference_timesteps, compute_dtype, device)
+        drop_captions = CaptionDropout(cfg.caption_dropout, data.extra_prompts.get(cfg.negative_prompt), cfg.seed, processes.rank)
         batches = data.batches(order, step * cfg.grad_accum, total_steps * cfg.grad_accum)  # this process's share, in order
-        # Every bucket holds about as many image tokens as the square one.
-        flops_per_sample = training_flops_per_sample(unwrapped, image_tokens(cfg.resolution, cfg.resolution), text_tokens, frozen=lora is not None)
-        flops_per_step = flops_per_sample * cfg.batch_size * cfg.grad_accum
-        peak = peak_flops(device, cfg.peak_flops)
-        run_name = out.resolve().name
-        tensorboard = TensorBoard(out / "tensorboard", cfg.tensorboard and is_main)
-        vae = None  # decoder for the samples, loaded at the first sample grid
-        if is_main and cfg.sample_every:
-            prompt_embeds = torch.stack([data.extra_prompts[p] for p in prompts])
-            extra_sizes = wide_and_tall(buckets)  # one prompt at the widest and the tallest bucket too
-            write_prompt_list(out / "samples" / "prompts.txt", prompts, cfg.sample_seed, lora is not None, extra_sizes)
-
-        def checkpoint_path(step: int) -> Path:
-            return out / "checkpoints" / f"{run_name}{'-lora' if lora else ''}-step-{step:06d}.safetensors"
-
-        def save_checkpoint(step: int) -> Path | None:
-            """The loadable weights of ``step`` (main process; the others help gather them under FSDP)."""
-            weights, kind = (ema, "ema") if ema is not None else (trained, "raw")
-            full_weights = full_state_dict(weights, keep=is_main)  # gathered from every process under FSDP
-            checkpoint = checkpoint_path(step)
-            if is_main and lora:
-                lora.save(weights, checkpoint, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
-            elif is_main:
-                save_weights(full_weights, checkpoint, unwrapped.config, step, kind, SAVE_DTYPES[cfg.save_dtype], run_id)
-            return checkpoint if is_main else None
-
-        def save(step: int) -> tuple[Path | None, Path]:
-            log.info("step %d: saving the training state and the weights", step)
-            # The state first: a run killed between the two leaves a state whose checkpoint --resume writes,
-            # never a checkpoint that no state continues.
-            progress = {
-                "run_id": run_id, "step": step, "model_config": unwrapped.config.to_json(), "config": dataclasses.asdict(cfg),
-                "data_fingerprint": data.fingerprint, "world_size": world, "lora": lora.settings if lora else None,
-            }
-            state_dir = save_state(out / "states", step, trained, ema, optimizer, lr_scheduler, progress,
-                                   cfg.keep_states, rank, barrier)
-            checkpoint = save_checkpoint(step)
-            log.info("step %d: saved %s and %s", step, state_dir, checkpoint or "weights")
-            return checkpoint, state_dir
-
-        if state is not None and not checkpoint_path(step).exists():  # every process asks before the main one writes
-            log.info("writing the checkpoint of step %d, which the run stopped before writing", step)
-            save_checkpoint(step)
+        flops_per_step, peak = _flops_per_step(cfg, unwrapped, text_tokens, lora is not None), peak_flops(device, cfg.peak_flops)
+        tensorboard = TensorBoard(out / "tensorboard", cfg.tensorboard and processes.is_main)
+        sample_grids = SampleGrids(cfg, out, prompts, data.extra_prompts, buckets, vae_path, encoder_dtype, device,
+                                   accelerator.autocast, lora, tensorboard, processes)
+        saver = RunSaver(out, run_id, cfg, trained, ema, optimizer, lr_scheduler, unwrapped.config, lora, data.fingerprint, processes)
+        if state is not None:
+            saver.resumed_at(step)
 
         log.info("training steps %d -> %d: %d samples per step (%d x %d accumulation x %d processes), %.1f epochs",
-                 step, total_steps, samples_per_step, cfg.batch_size, cfg.grad_accum, world,
+                 step, total_steps, samples_per_step, cfg.batch_size, cfg.grad_accum, processes.world_size,
                  total_steps * samples_per_step / len(data))
-        losses: list[tuple[int, float]] = []
         validation_losses: list[tuple[int, dict[str, float]]] = []
-        checkpoint = state_dir = None
-        last_saved = step if state is not None else -1
-        loss_sum, loss_count = torch.zeros((), device=device), 0
-        window_start, window_steps = time.perf_counter(), 0
         stopped = False
-        heartbeat = Heartbeat(cfg.log_seconds, step, total_steps)
-        bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=None if is_main else True, dynamic_ncols=True)
+        window = LogWindow(Heartbeat(cfg.log_seconds, step, total_steps), tensorboard, accelerator.reduce, device, samples_per_step,
+                           flops_per_step, peak, processes.is_main)
+        bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=None if processes.is_main else True,
+                   dynamic_ncols=True)
         with bar, logging_redirect_tqdm(), contextlib.closing(batches):  # closing ends the data workers
             while step < total_steps:
                 for micro in range(cfg.grad_accum):
-                    micro_step = step * cfg.grad_accum + micro
-                    latents, text = next(batches)
-                    latents = latents.to(device, compute_dtype, non_blocking=True)
-                    text = drop_captions(text.to(device, non_blocking=True), micro_step)
-                    indices, noise = draw_noise(latents, len(schedule.sigmas), step_generator(cfg.seed, micro_step, rank, device))
+                    latents, text, indices, noise = _micro_batch(next(batches), step * cfg.grad_accum + micro, cfg.seed,
+                                                                 processes.rank, device, compute_dtype, drop_captions, schedule)
                     no_sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with no_sync:
                         loss = flow_matching_loss(model, latents, text, indices, noise, schedule, cfg.reference_timesteps).mean()
                         accelerator.backward(loss / cfg.grad_accum)
-                    loss_sum += loss.detach()
-                    loss_count += 1
+                    window.add_loss(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
                 optimizer.step()
                 lr_scheduler.step()
@@ -315,80 +208,38 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 if ema is not None:
                     update_ema(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 step += 1
-                window_steps += 1
+                window.stepped()
                 bar.update(1)
-                # One process alone checks its flag every step; several agree at log steps (a collective syncs the GPU).
-                stopping = stop.requested if world == 1 else step % cfg.log_every == 0 and _any_process(accelerator, stop.requested)
+                stopping = processes.agree_to_stop(may_sync=step % cfg.log_every == 0)
 
-                if step % cfg.log_every == 0 or step == total_steps or stopping:
-                    mean_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()  # also syncs the GPU for timing
-                    steps_per_s = window_steps / (time.perf_counter() - window_start)
-                    scalars = {
-                        "train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0],
-                        "train/epoch": order.epoch(step * cfg.grad_accum),
-                        "perf/steps_per_s": steps_per_s, "perf/images_per_s": steps_per_s * samples_per_step,
-                    }
-                    if grad_norm is not None:
-                        scalars["train/grad_norm"] = float(grad_norm)
-                    if peak:
-                        scalars["perf/mfu"] = flops_per_step * steps_per_s / peak
-                    tensorboard.scalars(scalars, step)
-                    losses.append((step, mean_loss))
-                    mfu = f" | MFU {100 * scalars['perf/mfu']:.1f}%" if peak else ""
-                    log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | %.2f steps/s | %.1f img/s%s", step, total_steps,
-                             scalars["train/epoch"], mean_loss, scalars["train/lr"], steps_per_s, scalars["perf/images_per_s"], mfu)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", steps_s=f"{steps_per_s:.2f}")
-                    loss_sum.zero_()
-                    loss_count = 0
-                    window_start, window_steps = time.perf_counter(), 0
-                    heartbeat.logged()
-                elif is_main and heartbeat.due():  # a long step or a large log_every: never silent for long
-                    log.info("%s", heartbeat.line(step, (loss_sum / loss_count).item()))
-
-                if cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps) and not stopping:
-                    sampled = sampling_model(ema if ema is not None else trained, unwrapped.config, keep=is_main)
-                    if is_main:
-                        if vae is None:
-                            vae = load_vae(vae_path, dtype=encoder_dtype, device=device)
-                        render = functools.partial(
-                            render_grid, vae=vae, prompts=prompt_embeds, negative=data.extra_prompts[cfg.negative_prompt],
-                            resolution=cfg.resolution, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.sample_seed,
-                            extra_sizes=extra_sizes,
-                            autocast=accelerator.autocast, should_stop=stop)
-                        grid = lora.sample_grid(render, sampled) if lora else render(sampled)
-                        if grid is not None:
-                            with atomic_output(out / "samples" / f"step-{step:06d}.png") as tmp:
-                                grid.save(tmp, format="PNG")
-                            tensorboard.image("samples", grid, step)
-                    barrier()
-                    window_start, window_steps = time.perf_counter(), 0
-
-                if validation and (step % cfg.validate_every == 0 or step == total_steps) and not stopping:
+                if _due(step, cfg.log_every, total_steps) or stopping:
+                    window.log(step, total_steps, lr_scheduler.get_last_lr()[0], order.epoch(step * cfg.grad_accum), grad_norm, bar)
+                else:
+                    window.heartbeat_if_due(step)
+                if cfg.sample_every and _due(step, cfg.sample_every, total_steps) and not stopping:
+                    sample_grids(step, ema if ema is not None else trained, unwrapped.config)
+                    window.restart()
+                if validation and _due(step, cfg.validate_every, total_steps) and not stopping:
                     validation_losses.append((step, run_validation(validation, step, model, trained, ema, accelerator.reduce)))
                     tensorboard.scalars(validation_losses[-1][1], step)
-                    window_start, window_steps = time.perf_counter(), 0
-
-                if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopping:
-                    checkpoint, state_dir = save(step)
-                    last_saved = step
-                    window_start, window_steps = time.perf_counter(), 0
+                    window.restart()
+                if _due(step, cfg.save_every, total_steps) or stopping:
+                    saver.save(step)
+                    window.restart()
                 if stopping:
                     stopped = True
-                    log.warning("stopped at step %d; continue with --resume", step)
-                    if is_main and "TORCHELASTIC_RUN_ID" in os.environ:  # started by accelerate launch / torchrun
-                        log.warning("the state is complete; if the launcher itself was signalled, it now prints a "
-                                    "SignalException traceback and exits 1: that is torchrun reporting the signal")
+                    _log_stopped(step, processes.is_main)
                     break
 
         # ------------------------------------------------------------ final checkpoint
-        if last_saved != step:
-            checkpoint, state_dir = save(step)
+        if saver.saved_step != step:
+            saver.save(step)
         tensorboard.close()
-        if is_main and checkpoint is not None:
-            where = "loras/ and apply it with LoraLoaderModelOnly" if lora else "diffusion_models/ and pick it in the AAADiT loader"
-            log.info("done: %s (copy it to ComfyUI/models/%s)", checkpoint, where)
+        if processes.is_main and saver.saved_checkpoint is not None:
+            _log_done(saver.saved_checkpoint, lora is not None)
         accelerator.end_training()
-        return TrainSummary(step, checkpoint, state_dir, losses, data.stats, skipped, stopped, validation_losses)
+        return TrainSummary(step, saver.saved_checkpoint, saver.saved_state, window.losses, data.stats, skipped, stopped,
+                            validation_losses)
     finally:
         stop.restore()
         stop_logging_to_file(log_file)
@@ -409,6 +260,149 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
+def _accelerator(cfg: TrainConfig) -> tuple[Accelerator, torch.device, str]:
+    """accelerate's set-up of this process, its device and the precision the run computes in."""
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    precision = cfg.resolved_precision(use_cuda)
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if precision == "bf16" else "no")
+    device = accelerator.device
+    if device.type == "cpu":
+        device = torch.device("cpu")  # several CPU processes get "cpu:0", which safetensors does not accept
+    check_setup(accelerator, lora=bool(cfg.lora_rank))
+    if use_cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
+    return accelerator, device, precision
+
+
+def _check_memory(cfg: TrainConfig, accelerator: Accelerator, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses a model of the options' sizes that cannot fit, before any file is read or written."""
+    sizes = AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=1)  # a lower bound
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    check_model_fits(sizes, compute_dtype, cfg.ema_decay > 0, device, accelerator.num_processes if fsdp else 1)
+
+
+def _model_files(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path, Path | None]:
+    """The VAE, the text encoder and the DiT to start from (None: random weights), downloaded where missing."""
+    with accelerator.main_process_first():  # one download, then the others reuse it
+        wanted = {"vae": cfg.vae or None, "text_encoder": cfg.text_encoder or None}
+        if cfg.init_from:
+            wanted["dit"] = None if cfg.init_from == "published" else cfg.init_from
+        files = downloads.resolve_model_files(wanted, cfg.model_dir or None)  # every missing file in one error
+    return files["vae"], files["text_encoder"], files.get("dit")
+
+
+def _load_data(cfg: TrainConfig, samples: list[Sample], held_out: list[Sample], skipped: list[Skipped], prompts: list[str],
+               cache: EncodingCache, buckets: list[Bucket], vae_path: Path, text_encoder_path: Path, device: torch.device,
+               processes: Processes) -> tuple[TrainingData, InMemoryData | None, list[Skipped]]:
+    """The training set and the held-out set (None without validation), encoded where the cache lacks them, and
+    every image left out (``skipped`` and the unreadable ones), reported."""
+    # The sample prompts are cached too (sampling never loads Qwen3), and the negative one for caption dropout.
+    extra_prompts = (prompts if cfg.sample_every else []) + ([cfg.negative_prompt] if cfg.sample_every or cfg.caption_dropout else [])
+    plan = plan_data(samples, extra_prompts, cache, buckets, processes)
+    held_out_plan = plan_data(held_out, [], cache, buckets, processes) if held_out and cfg.validate_every else None
+    plan = without_held_out_images(plan, held_out_plan) if held_out_plan else plan
+    loading = Loading(cfg.data_loading, device, cfg.cache_on_device, cfg.data_workers, cfg.encode_batch_size, processes)
+    data, unreadable = load_training_data(plan, cache, vae_path, text_encoder_path, loading)
+    held_out_data = None
+    if held_out_plan:  # small: always held in memory
+        held_out_data, unreadable_held_out = load_training_data(held_out_plan, cache, vae_path, text_encoder_path,
+                                                                dataclasses.replace(loading, mode="memory"))
+        unreadable += unreadable_held_out
+    if processes.is_main:
+        report_skipped(skipped + unreadable, len(samples) + len(held_out) + len(skipped))
+    return data, held_out_data, skipped + unreadable
+
+
+def _build_model(cfg: TrainConfig, state: Path | None, init_path: Path | None, text_dim: int) -> tuple[AAADiT, TrainConfig]:
+    """The DiT to train (the same initial weights on every process) and the options with its sizes."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if state is not None and not cfg.lora_rank:  # sizes from the state; the weights are loaded after accelerate's set-up
+        model = AAADiT(state_model_config(state))
+        return model, cfg.with_sizes_of(model.config, state)
+    if cfg.init_from:
+        model = load_dit(init_path, dtype=torch.float32).train().requires_grad_(True)
+        log.info("fine-tuning %s (sizes from the file: %s)", init_path, model.config)
+        return model, cfg.with_sizes_of(model.config, init_path)
+    return AAADiT(AAADiTConfig(cfg.dim, cfg.depth, cfg.num_heads, latent_channels=LATENT_CHANNELS, text_dim=text_dim)), cfg
+
+
+def _check_encoders_fit(config: AAADiTConfig, text_dim: int) -> None:
+    if (config.latent_channels, config.text_dim) != (LATENT_CHANNELS, text_dim):
+        raise InputError(
+            f"the DiT takes {config.latent_channels}-channel latents and {config.text_dim}-wide prompts, "
+            f"but the encoders give {LATENT_CHANNELS} and {text_dim}"
+        )
+
+
+def _optimizer(cfg: TrainConfig, trained: torch.nn.Module, total_steps: int, fused: bool,
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on the trained weights and its learning-rate schedule."""
+    optimizer = torch.optim.AdamW(
+        trained.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, fused=fused,
+    )
+    lr_schedule = LrSchedule(cfg.lr, cfg.warmup, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr, total_steps)
+    log.info("%s", lr_schedule.describe())
+    # Stepped once per optimizer step by us (not passed to accelerate, which would step it once per process).
+    # A lambda, which the scheduler's state leaves out: the rate comes from the step alone.
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_schedule.factor(step))
+
+
+def _resume(state: Path, cfg: TrainConfig, trained: torch.nn.Module, ema: torch.nn.Module | None,
+            optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler, lora: LoraRun | None,
+            data_fingerprint: str, processes: Processes) -> int:
+    """Loads ``state`` into the built objects; returns its step."""
+    check_state_kind(read_progress(state), state, lora.settings if lora else None)
+    progress = load_state(state, trained, ema, optimizer, lr_scheduler, processes.rank)
+    warn_on_changes(progress, cfg, data_fingerprint, processes.world_size, state)
+    log.info("resumed from %s at step %d", state, progress["step"])
+    return progress["step"]
+
+
+def _schedule_on(device: torch.device) -> TrainingSchedule:
+    """The training timestep schedule, its tables on the device once: indexing a CPU table every step would copy it
+    over and sync the GPU."""
+    schedule = TrainingSchedule.flux2()
+    return dataclasses.replace(schedule, sigmas=schedule.sigmas.to(device), weights=schedule.weights.to(device))
+
+
+def _micro_batch(batch: tuple[torch.Tensor, torch.Tensor], micro_step: int, seed: int, rank: int, device: torch.device,
+                 dtype: torch.dtype, drop_captions: CaptionDropout, schedule: TrainingSchedule,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents, prompts (some dropped), timestep indices and noise of one micro-step, on the device."""
+    latents, text = batch
+    latents = latents.to(device, dtype, non_blocking=True)
+    text = drop_captions(text.to(device, non_blocking=True), micro_step)
+    indices, noise = draw_noise(latents, len(schedule.sigmas), step_generator(seed, micro_step, rank, device))
+    return latents, text, indices, noise
+
+
+def _flops_per_step(cfg: TrainConfig, model: AAADiT, text_tokens: int, frozen: bool) -> float:
+    """Training FLOPs of one optimizer step on one process (for MFU)."""
+    # Every bucket holds about as many image tokens as the square one.
+    tokens = image_tokens(cfg.resolution, cfg.resolution), text_tokens
+    return training_flops_per_sample(model, *tokens, frozen=frozen) * cfg.batch_size * cfg.grad_accum
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """At every ``every``-th step (none when 0) and at the last one."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _log_done(checkpoint: Path, is_lora: bool) -> None:
+    where = "loras/ and apply it with LoraLoaderModelOnly" if is_lora else "diffusion_models/ and pick it in the AAADiT loader"
+    log.info("done: %s (copy it to ComfyUI/models/%s)", checkpoint, where)
+
+
+def _log_stopped(step: int, is_main: bool) -> None:
+    log.warning("stopped at step %d; continue with --resume", step)
+    if is_main and "TORCHELASTIC_RUN_ID" in os.environ:  # started by accelerate launch / torchrun
+        log.warning("the state is complete; if the launcher itself was signalled, it now prints a "
+                    "SignalException traceback and exits 1: that is torchrun reporting the signal")
+
+
 def _total_steps(cfg: TrainConfig, num_samples: int, samples_per_step: int) -> int:
     """The first of max_steps and max_epochs reached."""
     limits = []
@@ -417,13 +411,6 @@ def _total_steps(cfg: TrainConfig, num_samples: int, samples_per_step: int) -> i
     if cfg.max_epochs > 0:
         limits.append(max(1, math.ceil(cfg.max_epochs * num_samples / samples_per_step)))
     return min(limits)
-
-
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """True if any process was asked to stop, so all stop at the same step (no collective left waiting)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from .encoded_data import DataPlan, InMemoryData
 from .pairs import Sample, Skipped, find_samples
 from .distributed import reshard_after_forward
 from .loss import flow_matching_loss
+from .processes import Processes
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,9 @@ class _Batch:
 class Validation:
     """This process's share of the held-out set, evaluated by ``evaluate`` every ``--validate-every`` steps."""
 
-    def __init__(self, data: InMemoryData, batch_size: int, rank: int, world_size: int, schedule: TrainingSchedule,
+    def __init__(self, data: InMemoryData, batch_size: int, processes: Processes, schedule: TrainingSchedule,
                  reference_timesteps: bool, compute_dtype: torch.dtype, device: torch.device):
-        self.num_samples, self.is_main = len(data), rank == 0
+        self.num_samples, self.is_main = len(data), processes.is_main
         self.schedule, self.reference_timesteps = schedule, reference_timesteps
         self.compute_dtype, self.device = compute_dtype, device
         grid = len(schedule.sigmas)
@@ -108,7 +109,7 @@ class Validation:
         size = VALIDATION_TIMESTEPS // TIMESTEP_GROUPS
         self.groups = [(f"t{round(timesteps[g * size])}-{round(timesteps[g * size + size - 1])}", slice(g * size, g * size + size))
                        for g in range(TIMESTEP_GROUPS)]
-        self.batches = list(_shares(data, batch_size, rank, world_size))
+        self.batches = list(_shares(data, batch_size, processes.rank, processes.world_size))
 
     def _noise(self, batch: _Batch) -> torch.Tensor:
         shape = batch.latents.shape[1:]
