@@ -31,10 +31,25 @@ BUILTIN_INPUT_TYPES = {
     "SamplerCustomAdvanced": {"required": {
         "noise": ("NOISE",), "guider": ("GUIDER",), "sampler": ("SAMPLER",), "sigmas": ("SIGMAS",), "latent_image": ("LATENT",),
     }},
+    "VAELoader": {"required": {"vae_name": (["flux2_vae.safetensors"],)}},
+    "VAEDecode": {"required": {"samples": ("LATENT",), "vae": ("VAE",)}},
+    "ModelSamplingSD3": {"required": {"model": ("MODEL",), "shift": ("FLOAT", {})}},
+    # The dataset and training nodes (current ComfyUI only: tests/test_comfyui_lora_workflow.py runs their workflow).
+    "LoadImageTextDataSetFromFolder": {"required": {"folder": (["lora_dataset"],)}},
+    "MakeTrainingDataset": {"required": {"images": ("IMAGE",), "vae": ("VAE",), "clip": ("CLIP",)}, "optional": {"texts": ("STRING", {})}},
+    "TrainLoraNode": {"required": {
+        "model": ("MODEL",), "latents": ("LATENT",), "positive": ("CONDITIONING",), "batch_size": ("INT", {}),
+        "grad_accumulation_steps": ("INT", {}), "steps": ("INT", {}), "learning_rate": ("FLOAT", {}), "rank": ("INT", {}),
+        "optimizer": (["AdamW"],), "loss_function": (["MSE"],), "seed": ("INT", {}), "training_dtype": (["bf16", "fp32"],),
+        "lora_dtype": (["bf16", "fp32"],), "algorithm": (["LoRA"],), "gradient_checkpointing": ("BOOLEAN", {}),
+        "existing_lora": (["[None]"],), "bucket_mode": ("BOOLEAN", {}),
+    }},
+    "SaveLoRA": {"required": {"lora": ("LORA_MODEL",), "prefix": ("STRING", {})}, "optional": {"steps": ("INT", {})}},
+    "LoraModelLoader": {"required": {"model": ("MODEL",), "lora": ("LORA_MODEL",), "strength_model": ("FLOAT", {})}},
 }
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # never sent to the server, so absent from API files
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-WORKFLOW_NAMES = ["AAADiT text to image", "AAADiT image to image", "AAADiT native KSampler", "AAADiT custom sampler"]
+WORKFLOW_NAMES = ["AAADiT text to image", "AAADiT image to image", "AAADiT native KSampler", "AAADiT custom sampler", "AAADiT train a LoRA"]
 
 
 def widget_slots(input_types: dict) -> list[tuple[str, str]]:
@@ -85,23 +100,27 @@ def test_ui_workflow_and_its_api_twin_agree(name):
         for key in ("pos", "size", "flags", "order", "mode", "inputs", "outputs", "widgets_values"):
             assert key in n, (n["type"], key)
         input_types = input_types_of(n["type"])
+        specs = {**input_types["required"], **input_types.get("optional", {})}
         expected = {}
-        # Widgets: the frontend's order, control and upload values included.
+        # Widgets: the frontend's order, control and upload values included. A widget fed by a link
+        # (an input entry naming it) keeps its value in the UI file; the API file sends the link.
         slots = widget_slots(input_types)
+        linked_widgets = {i["widget"]["name"] for i in n["inputs"] if "widget" in i}
+        assert linked_widgets <= {name for name, what in slots if what == "value"}, n["type"]
         assert len(n["widgets_values"]) == len(slots), (n["type"], n["widgets_values"], slots)
         for (input_name, what), value in zip(slots, n["widgets_values"]):
             if what == "control":
                 assert value in CONTROL_VALUES, (n["type"], value)
             elif what == "upload":
                 assert value == "image"
-            else:
+            elif input_name not in linked_widgets:
                 expected[input_name] = value
-                spec = input_types["required"][input_name]
+                spec = specs[input_name]
                 if isinstance(spec[0], list):
                     assert value in spec[0], (n["type"], input_name, value)
         # Links: each socket input's link ends at this node and slot, and is an API link.
-        sockets = {name for name, spec in input_types["required"].items() if (name, "value") not in slots}
-        assert {i["name"] for i in n["inputs"]} == sockets
+        sockets = {name for name in input_types["required"] if (name, "value") not in slots}
+        assert {i["name"] for i in n["inputs"] if "widget" not in i} == sockets
         for slot, socket in enumerate(n["inputs"]):
             link_id, origin, origin_slot, target, target_slot, link_type = links[socket["link"]]
             assert (target, target_slot, link_type) == (n["id"], slot, socket["type"])
@@ -118,7 +137,7 @@ def test_workflows_use_the_official_files_and_reference_settings(name):
         by_type.setdefault(entry["class_type"], []).append(entry["inputs"])
     assert by_type["AAADiTLoader"][0]["dit_name"] == core_downloads.DIT.local_name
     assert by_type["AAACLIPLoader"][0]["text_encoder_name"] == core_downloads.TEXT_ENCODER.local_name
-    assert by_type["AAAVAELoader"][0]["vae_name"] == core_downloads.VAE.local_name
+    assert (by_type.get("AAAVAELoader") or by_type["VAELoader"])[0]["vae_name"] == core_downloads.VAE.local_name
     # AAA Sampler, KSampler, or the custom sampler's guider and sigmas: the reference's 30 steps at cfg 10.
     sampler = (by_type.get("AAASampler") or by_type.get("KSampler") or [{**by_type["CFGGuider"][0], **by_type["AAAFlux2Sigmas"][0]}])[0]
     assert (sampler["steps"], sampler["cfg"]) == (30, 10.0)
