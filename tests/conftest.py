@@ -11,7 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from comfyui_inprocess import boot
 from tiny_models import save_tiny_models
+
+# When the checkout's folder name is a Python identifier, pytest imports the repository's
+# __init__.py as the test folder's package before any test runs; it imports the nodes, which
+# import ComfyUI. So ComfyUI's libraries go on the path here, before anything is collected.
+boot()
 
 
 @pytest.fixture(scope="session", autouse=True)
